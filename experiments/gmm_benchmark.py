@@ -1,0 +1,470 @@
+"""Moment-matching distillation on a Gaussian mixture with an exact teacher.
+
+Commands (2 shared CPU cores; run one at a time, in the background for full runs):
+  python experiments/gmm_benchmark.py --spec=experiments/gmm_specs/circle8_2d.json \
+      --out=/tmp/gmm_circle8.json                    # full: 10k samples, 5000 steps per student
+  python experiments/gmm_benchmark.py --spec=experiments/gmm_specs/unequal5_16d.json \
+      --out=/tmp/gmm_16d.json --quick                # quick: 2k samples, 300 steps
+  ... --rows=alt,uncond --extra="alt:k=1:time_sampling=continuous" --seeds=1
+
+Setting (the issue's protocol):
+- The mixture {weights, means, stds} comes from a JSON spec (mmd_jax.data.sources.GaussianMixture).
+- Teacher: the exact denoiser E[x | z_t] (mmd_jax.models.gmm). Its ancestral and DDIM samplers
+  at 1, 2, 4, 8, 32, 256 steps are the baselines; "floor" is fresh true samples vs the reference.
+- Students: MLPs (v-prediction) initialised by regression onto the exact denoiser ("mlp_teacher",
+  a short pretraining; its own 256-step ancestral row shows how good the regression is).
+  alt        alternating variant (Algorithm 2), teacher = exact denoiser, k = 1, 2, 4, 8
+  ps         parameter-space variant (Algorithm 3), teacher = the regressed MLP, k = 1, 2, 4, 8
+  ps_mixture parameter-space variant with the mixture's own parameters (logits, means,
+             log-stds) as the teacher parameters, k = 8
+  uncond     the alternating k = 8 student with z_s ~ q(z_s | x_tilde) (ablation)
+  The k = 8 rows of alt and ps are repeated over --seeds seeds (distillation randomness).
+- Metrics (mmd_jax.evaluation.sample_metrics) on --num_samples generated samples against as many
+  fresh true samples: unbiased energy distance (primary), sliced W2 (512 projections), mean
+  log-likelihood under the true mixture, mode-weight error. Students are evaluated with their
+  EMA parameters.
+- Cost: wall time per step (after compilation, on this machine, shared) and XLA's FLOP estimate
+  of one compiled step (`jax.jit(step).lower(...).compile().cost_analysis()`).
+
+Output: a table on stdout; --out writes JSON {"rows": {"<method>/k=<k>[/seed=<s>]": {metric:
+value, ...}}, "summary": {...mean/std over seeds...}, "settings": {...}}; for a 2-D spec also a
+scatter plot next to it (<out>.png).
+
+Row overrides (--extra, ';'-separated): "<alt|ps|ps_mixture>:k=<k>[:field=value...]" with fields
+of the distill config (moment_matching.default_config()), e.g.
+"alt:k=1:time_sampling=continuous;ps:k=8:nu_ema=0.0".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mmd_jax.diffusion import process, samplers  # pylint: disable=wrong-import-position
+from mmd_jax.diffusion.schedules import Schedule  # pylint: disable=wrong-import-position
+from mmd_jax.distill import moment_matching as mm  # pylint: disable=wrong-import-position
+from mmd_jax.distill import preconditioners, steps  # pylint: disable=wrong-import-position
+from mmd_jax.evaluation import sample_metrics  # pylint: disable=wrong-import-position
+from mmd_jax.models import gmm  # pylint: disable=wrong-import-position
+from mmd_jax.training import optim  # pylint: disable=wrong-import-position
+
+TEACHER_STEPS = (1, 2, 4, 8, 32, 256)
+STUDENT_KS = (1, 2, 4, 8)
+ROW_GROUPS = ("floor", "teacher", "mlp_teacher", "alt", "ps", "ps_mixture", "uncond")
+METRICS = ("energy", "sliced_w2", "loglik", "mode_weight_error")
+CHUNK = 100  # distillation steps per compiled lax.scan
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+class _StandInMLP(nn.Module):
+  """Residual MLP denoiser with the project's call signature; used only while
+  mmd_jax.models.mlp is not available."""
+  hidden: int = 256
+  depth: int = 3
+  num_classes: int = 0
+
+  @nn.compact
+  def __call__(self, z, logsnr, label=None, train=False):
+    del label, train
+    periods = jnp.exp(jnp.linspace(0.0, jnp.log(1e3), 16))
+    ang = 2 * jnp.pi * logsnr[:, None] / periods
+    emb = nn.silu(nn.Dense(self.hidden)(jnp.concatenate([jnp.sin(ang), jnp.cos(ang)], -1)))
+    h = nn.Dense(self.hidden)(z) + nn.Dense(self.hidden)(emb)
+    for _ in range(self.depth):
+      u = nn.silu(nn.Dense(self.hidden)(nn.LayerNorm()(h)) + nn.Dense(self.hidden)(emb))
+      h = h + nn.Dense(self.hidden)(u)
+    return nn.Dense(z.shape[-1])(nn.silu(nn.LayerNorm()(h)))
+
+
+def build_model(*, dim: int, hidden: int, depth: int):
+  """(module, source): mmd_jax.models.mlp.build_mlp when it exists, else the stand-in."""
+  try:
+    from mmd_jax.models import mlp  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return _StandInMLP(hidden=hidden, depth=depth), "stand-in (experiments/gmm_benchmark.py)"
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  cfg = ml_collections.ConfigDict(dict(kind="mlp", hidden=hidden, depth=depth, prediction="v"))
+  return mlp.build_mlp(cfg, dim=dim, num_classes=0), "mmd_jax.models.mlp"
+
+
+def load_mixture(path):
+  from mmd_jax.data.sources import GaussianMixture  # pylint: disable=g-import-not-at-top
+  return GaussianMixture.from_json(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces
+# ----------------------------------------------------------------------------------------------
+
+def sample_data(mixture, key, n):
+  return mixture.sample_jax(key, n)["x"]
+
+
+def regress_mlp(*, model, denoise, mixture, schedule, steps_, batch, lr, seed, log):
+  """The 'teacher MLP': an MLP regressed onto the exact denoiser E[x | z_t] (t ~ U(0, 1),
+  x-space error weighted by 1 + SNR capped at e^5, i.e. the snr_plus_one weighting)."""
+  exact = gmm.make_denoiser()
+  teacher_params = gmm.gmm_params(mixture)
+  dim = mixture.dim
+  params = jax.jit(lambda k: model.init(k, jnp.zeros((1, dim)), jnp.zeros((1,)), None)["params"])(
+      jax.random.PRNGKey(seed))
+  tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps_ // 10), steps_),
+                  b2=0.99)
+
+  def one(carry, key):
+    params, opt_state = carry
+    k_x, k_t, k_z = jax.random.split(key, 3)
+    x = sample_data(mixture, k_x, batch)
+    logsnr = schedule.logsnr(jax.random.uniform(k_t, (batch,)))
+    z, _ = process.sample_z_t(rng=k_z, x=x, logsnr=logsnr)
+    target = exact(teacher_params, z, logsnr)
+    w = mm.weight(weighting="snr_plus_one", logsnr=logsnr)
+
+    def loss_fn(p):
+      return jnp.mean(w * jnp.mean(jnp.square(denoise(p, z, logsnr, None) - target), -1))
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state)
+    return (optax.apply_updates(params, updates), opt_state), loss
+
+  @jax.jit
+  def chunk(carry, key, start):
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(start + jnp.arange(CHUNK))
+    return jax.lax.scan(one, carry, keys)
+
+  carry = (params, tx.init(params))
+  key = jax.random.PRNGKey(seed + 1000)
+  t0 = time.time()
+  for start in range(0, steps_, CHUNK):
+    carry, losses = chunk(carry, key, start)
+  log(f"  regression: {steps_} steps, final loss {float(losses[-1]):.4g}, "
+      f"{time.time() - t0:.0f}s")
+  return carry[0]
+
+
+def eval_samples(samples, reference, mixture):
+  return sample_metrics.all_metrics(np.asarray(samples), reference, mixture)
+
+
+def teacher_sampler(denoise, schedule, *, num_steps, eta, n, dim):
+  return jax.jit(lambda params, key: samplers.sample(
+      denoise_fn=lambda z, l, c: denoise(params, z, l, c, train=False, rng=None), rng=key,
+      shape=(n, dim), num_steps=num_steps, schedule=schedule, eta=eta))
+
+
+def parse_extra(spec: str):
+  """'alt:k=1:time_sampling=continuous;ps:k=8:nu_ema=0' -> [(kind, k, {field: value})]."""
+  out = []
+  defaults = mm.default_config()
+  for item in filter(None, (s.strip() for s in spec.split(";"))):
+    parts = item.split(":")
+    kind = parts[0]
+    if kind not in ("alt", "ps", "ps_mixture"):
+      raise ValueError(f"--extra row {item!r}: kind must be alt, ps or ps_mixture.")
+    k, overrides = None, {}
+    for p in parts[1:]:
+      name, _, value = p.partition("=")
+      if name == "k":
+        k = int(value)
+        continue
+      if name not in defaults:
+        raise ValueError(f"--extra row {item!r}: unknown distill field {name!r}.")
+      default = defaults[name]
+      if isinstance(default, bool):
+        overrides[name] = value.lower() in ("1", "true", "yes")
+      elif isinstance(default, (int, float)) and not isinstance(default, bool):
+        overrides[name] = type(default)(float(value)) if isinstance(default, int) else float(value)
+      else:
+        overrides[name] = value
+    if k is None:
+      raise ValueError(f"--extra row {item!r} needs k=<steps>.")
+    out.append((kind, k, overrides))
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Distillation of one student
+# ----------------------------------------------------------------------------------------------
+
+def distill_one(*, kind, k, seed, overrides, args, mixture, schedule, denoise, mlp_params,
+                log):
+  """Trains one student; returns (EMA params, info dict with timing and FLOPs)."""
+  config = mm.default_config()
+  config.num_student_steps = k
+  config.num_steps = args.steps
+  config.batch_size = args.batch
+  config.ema_decay = args.ema
+  if kind == "alt":
+    config.variant = "alternating"
+  else:
+    config.variant = "parameter_space"
+    config.nu_ema = args.nu_ema
+  config.update(overrides)
+  mm.validate_config(config)
+  tx = optim.make_optimizer(config.optim, total_steps=config.num_steps)
+  exact = gmm.make_denoiser()
+  precond = None
+  if kind == "alt":
+    teacher_denoise, teacher_params = exact, gmm.gmm_params(mixture)
+    step = steps.make_alternating_step(config=config, denoise=denoise, schedule=schedule,
+                                       student_tx=tx, aux_tx=tx, teacher_denoise=exact)
+  else:
+    if kind == "ps":
+      teacher_denoise, teacher_params = denoise, mlp_params
+    else:  # ps_mixture
+      teacher_denoise, teacher_params = exact, gmm.gmm_params(mixture)
+    step = steps.make_parameter_space_step(config=config, denoise=denoise, schedule=schedule,
+                                           student_tx=tx, teacher_denoise=teacher_denoise)
+    if config.preconditioner == "squared_grads":
+      n_pre = config.precond_batches * (config.batch_size // 2)
+      real = {"x": sample_data(mixture, jax.random.PRNGKey(seed + 5000), n_pre)}
+      precond = jax.jit(lambda tp, b, r: preconditioners.squared_grad_preconditioner(
+          denoise=teacher_denoise, teacher_params=tp, batch=b, rng=r, config=config,
+          schedule=schedule))(teacher_params, real, jax.random.PRNGKey(seed + 6000))
+    elif config.preconditioner == "adam":
+      raise ValueError("The GMM teachers have no Adam state; use squared_grads or identity.")
+  state = steps.init_distill_state(config=config, init_params=mlp_params, student_tx=tx,
+                                   aux_tx=tx if kind == "alt" else None,
+                                   teacher_params=teacher_params)
+  batch_size = config.batch_size
+
+  def call(state, key, teacher_params, precond):
+    batch = {"x": sample_data(mixture, jax.random.fold_in(key, 1), batch_size)}
+    if kind == "alt":
+      return step(state, teacher_params, batch, jax.random.fold_in(key, 2))
+    return step(state, teacher_params, batch, jax.random.fold_in(key, 2), precond)
+
+  # Cost of one step, from XLA (compiled separately from the scanned training loop).
+  compiled = jax.jit(call).lower(state, jax.random.PRNGKey(0), teacher_params, precond).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+  @jax.jit
+  def chunk(state, key, teacher_params, precond):
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(state.step + jnp.arange(CHUNK))
+    return jax.lax.scan(lambda s, k: call(s, k, teacher_params, precond), state, keys)
+
+  key = jax.random.PRNGKey(10_000 + seed)
+  t0 = time.time()
+  times = []
+  done = 0
+  while done < config.num_steps:
+    t = time.time()
+    state, metrics = chunk(state, key, teacher_params, precond)
+    jax.block_until_ready(state.params)
+    times.append(time.time() - t)
+    done += CHUNK
+    last = {m: float(v[-1]) for m, v in metrics.items()}
+    if not all(np.isfinite(v) for v in last.values()):
+      raise FloatingPointError(f"Non-finite metrics at step {done}: {last}")
+  warm = times[1:] if len(times) > 1 else times
+  info = {"time_per_step_ms": 1000 * float(np.mean(warm)) / CHUNK,
+          "flops_per_step": flops, "train_seconds": time.time() - t0, "steps": done,
+          "final_metrics": last}
+  log(f"  {kind} k={k} seed={seed} {overrides or ''}: {done} steps in {info['train_seconds']:.0f}s"
+      f" ({info['time_per_step_ms']:.1f} ms/step, {flops / 1e6:.1f} MFLOP/step); "
+      + ", ".join(f"{m}={v:.3g}" for m, v in last.items()))
+  return state.ema_params, info
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--spec", required=True, help="mixture JSON {weights, means, stds}")
+  p.add_argument("--out", default="", help="results JSON path (a .png is written next to it "
+                 "for 2-D specs)")
+  p.add_argument("--seeds", type=int, default=3, help="seeds of the k=8 rows of alt and ps")
+  p.add_argument("--steps", type=int, default=None, help="distillation steps per student "
+                 "(default 5000; --quick 300)")
+  p.add_argument("--quick", action="store_true", help="development settings: 300 steps, 2k "
+                 "samples, short regression, EMA 0.99")
+  p.add_argument("--num_samples", type=int, default=None, help="samples per metric (10000)")
+  p.add_argument("--rows", default=",".join(ROW_GROUPS), help=f"row groups of {ROW_GROUPS}")
+  p.add_argument("--ks", default="1,2,4,8", help="student step counts of alt and ps")
+  p.add_argument("--extra", default="", help="extra rows with config overrides (see docstring)")
+  p.add_argument("--batch", type=int, default=512)
+  p.add_argument("--ema", type=float, default=None, help="student EMA (0.998; --quick 0.99)")
+  p.add_argument("--nu_ema", type=float, default=0.99, help="nu EMA of the ps rows")
+  p.add_argument("--hidden", type=int, default=256)
+  p.add_argument("--depth", type=int, default=3)
+  p.add_argument("--regress_steps", type=int, default=None, help="MLP regression steps (4000; "
+                 "--quick 1000)")
+  args = p.parse_args(argv)
+  args.steps = args.steps or (300 if args.quick else 5000)
+  args.num_samples = args.num_samples or (2000 if args.quick else 10000)
+  args.ema = args.ema if args.ema is not None else (0.99 if args.quick else 0.998)
+  args.regress_steps = args.regress_steps or (1000 if args.quick else 4000)
+  for n, v in (("steps", args.steps), ("regress_steps", args.regress_steps)):
+    if v % CHUNK:
+      p.error(f"--{n} must be a multiple of {CHUNK}, got {v}.")
+  bad = set(filter(None, args.rows.split(","))) - set(ROW_GROUPS)
+  if bad:
+    p.error(f"--rows: unknown groups {sorted(bad)}; choose from {ROW_GROUPS}.")
+  args.extra_rows = parse_extra(args.extra)
+  return args
+
+
+def fmt_table(rows):
+  lines = [f"{'row':44s} {'energy':>9s} {'sliced_w2':>9s} {'loglik':>8s} {'mode_err':>8s} "
+           f"{'ms/step':>8s} {'MFLOP':>8s}"]
+  for name, r in rows.items():
+    ms = f"{r['time_per_step_ms']:.1f}" if "time_per_step_ms" in r else ""
+    mf = f"{r['flops_per_step'] / 1e6:.1f}" if "flops_per_step" in r else ""
+    lines.append(f"{name:44s} {r['energy']:9.5f} {r['sliced_w2']:9.4f} {r['loglik']:8.3f} "
+                 f"{r['mode_weight_error']:8.4f} {ms:>8s} {mf:>8s}")
+  return "\n".join(lines)
+
+
+def summarise(rows):
+  """mean / std / min / max of each metric over the seeds of each method and k."""
+  groups = {}
+  for name, r in rows.items():
+    if "/seed=" in name:
+      groups.setdefault(name.split("/seed=")[0], []).append(r)
+  out = {}
+  for g, rs in groups.items():
+    out[g] = {"num_seeds": len(rs)}
+    for m in METRICS:
+      vals = np.array([r[m] for r in rs])
+      out[g].update({f"{m}_mean": float(vals.mean()), f"{m}_std": float(vals.std()),
+                     f"{m}_min": float(vals.min()), f"{m}_max": float(vals.max())})
+  return out
+
+
+def scatter_png(path, panels, reference):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  n = len(panels) + 1
+  cols = min(4, n)
+  fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(3.2 * cols, 3.2 * ((n + cols - 1) // cols)))
+  axes = np.ravel(axes)
+  lim = np.abs(reference).max() * 1.15
+  for ax, (title, x) in zip(axes, [("true samples", reference)] + list(panels.items())):
+    ax.scatter(x[:3000, 0], x[:3000, 1], s=1, alpha=0.4)
+    ax.set_title(title, fontsize=8)
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_aspect("equal")
+  for ax in axes[n:]:
+    ax.axis("off")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  log = lambda s: print(s, flush=True)  # noqa: E731
+  groups = set(filter(None, args.rows.split(",")))
+  ks = tuple(int(k) for k in args.ks.split(","))
+  mixture = load_mixture(args.spec)
+  schedule = Schedule()
+  n, dim = args.num_samples, mixture.dim
+  reference = mixture.sample(np.random.default_rng(123_456), n)["x"].astype(np.float64)
+  rows, panels = {}, {}
+  t_start = time.time()
+  log(f"spec {args.spec}: K={mixture.num_components}, D={dim}; {n} samples per metric; "
+      f"{args.steps} distillation steps per student; batch {args.batch}")
+
+  def add(name, samples, extra=None):
+    samples = np.asarray(samples)
+    rows[name] = eval_samples(samples, reference, mixture)
+    rows[name].update(extra or {})
+    if dim == 2:
+      panels[name] = samples
+    log(f"{name:44s} energy={rows[name]['energy']:.5f} sw2={rows[name]['sliced_w2']:.4f} "
+        f"loglik={rows[name]['loglik']:.3f} mode_err={rows[name]['mode_weight_error']:.4f}")
+
+  if "floor" in groups:
+    add("floor/true_vs_true", mixture.sample(np.random.default_rng(654_321), n)["x"])
+  if "teacher" in groups:
+    exact, gp = gmm.make_denoiser(), gmm.gmm_params(mixture)
+    for sampler, eta in (("ancestral", 1.0), ("ddim", 0.0)):
+      for num in TEACHER_STEPS:
+        fn = teacher_sampler(exact, schedule, num_steps=num, eta=eta, n=n, dim=dim)
+        add(f"teacher_{sampler}/k={num}", fn(gp, jax.random.PRNGKey(num)))
+
+  model, model_source = build_model(dim=dim, hidden=args.hidden, depth=args.depth)
+  denoise = steps.make_x_predictor(model, "v")
+  needs_mlp = groups & {"mlp_teacher", "alt", "ps", "ps_mixture", "uncond"} or args.extra_rows
+  mlp_params = None
+  if needs_mlp:
+    log(f"model: {model_source}, hidden {args.hidden}, depth {args.depth}, v-prediction")
+    mlp_params = regress_mlp(model=model, denoise=denoise, mixture=mixture, schedule=schedule,
+                             steps_=args.regress_steps, batch=args.batch, lr=1e-3, seed=0,
+                             log=log)
+  if "mlp_teacher" in groups:
+    for num in (1, 8, 256):
+      fn = teacher_sampler(denoise, schedule, num_steps=num, eta=1.0, n=n, dim=dim)
+      add(f"mlp_teacher_ancestral/k={num}", fn(mlp_params, jax.random.PRNGKey(num)))
+
+  jobs = []  # (row name, kind, k, seed, overrides)
+  for kind in ("alt", "ps"):
+    if kind in groups:
+      for k in ks:
+        for seed in (range(args.seeds) if k == 8 else (0,)):
+          jobs.append((f"{kind}/k={k}" + (f"/seed={seed}" if k == 8 else ""), kind, k, seed, {}))
+  if "ps_mixture" in groups:
+    jobs.append(("ps_mixture/k=8", "ps_mixture", 8, 0, {}))
+  if "uncond" in groups:
+    jobs.append(("uncond_zs/k=8", "alt", 8, 0, {"unconditional_zs": True}))
+  for kind, k, overrides in args.extra_rows:
+    tag = ",".join(f"{a}={b}" for a, b in overrides.items())
+    jobs.append((f"{kind}[{tag}]/k={k}", kind, k, 0, overrides))
+
+  for name, kind, k, seed, overrides in jobs:
+    ema_params, info = distill_one(kind=kind, k=k, seed=seed, overrides=overrides, args=args,
+                                   mixture=mixture, schedule=schedule, denoise=denoise,
+                                   mlp_params=mlp_params, log=log)
+    cfg = mm.default_config()
+    cfg.num_student_steps = k
+    cfg.update({key: v for key, v in overrides.items() if key in ("eta", "spacing")})
+    sampler = jax.jit(steps.make_student_sampler(config=cfg, denoise=denoise, schedule=schedule),
+                      static_argnames="shape")
+    samples = sampler(ema_params, jax.random.PRNGKey(777 + seed), shape=(n, dim))
+    add(name, samples, {"time_per_step_ms": info["time_per_step_ms"],
+                        "flops_per_step": info["flops_per_step"], "seed": seed,
+                        "final_train_metrics": info["final_metrics"]})
+
+  summary = summarise(rows)
+  log("\n" + fmt_table(rows))
+  for g, s in summary.items():
+    log(f"{g} over {s['num_seeds']} seeds: energy {s['energy_mean']:.5f} +- {s['energy_std']:.5f}"
+        f" (min {s['energy_min']:.5f}, max {s['energy_max']:.5f}); sliced_w2 "
+        f"{s['sliced_w2_mean']:.4f} +- {s['sliced_w2_std']:.4f}; mode_err "
+        f"{s['mode_weight_error_mean']:.4f} (max {s['mode_weight_error_max']:.4f})")
+  log(f"total {time.time() - t_start:.0f}s")
+  if args.out:
+    settings = {k: v for k, v in vars(args).items() if k != "extra_rows"}
+    settings.update(model_source=model_source, schedule="cosine [-15, 15]",
+                    distill_defaults=mm.default_config().to_dict())
+    with open(args.out, "w", encoding="utf-8") as f:
+      json.dump({"rows": rows, "summary": summary, "settings": settings}, f, indent=1)
+    if dim == 2 and panels:
+      keep = [p for p in panels if not p.startswith("floor")]
+      scatter_png(os.path.splitext(args.out)[0] + ".png", {p: panels[p] for p in keep[:15]},
+                  reference)
+    log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,244 @@
+"""Moment matching distillation (Salimans, Mensink, Heek, Hoogeboom, NeurIPS 2024): pure pieces.
+
+Design note: /work/shared/design/moment_matching.md. Everything here is a pure function of arrays;
+the jitted steps that put them together are in mmd_jax.distill.steps.
+
+Notation: teacher g_theta, student g_eta, auxiliary g_phi, all x-predictors. Per example, with
+data dimensions averaged (`mean over dims`, as in process.denoising_loss) and the batch averaged:
+  student loss  L(eta) = w(s) <x_tilde, sg(g_phi(z_s) - g_theta(z_s))> / D
+      whose gradient is w(s) (d x_tilde / d eta)^T (g_phi - g_theta) / D;
+  aux loss      L(phi) = w(s) (|sg(x_tilde) - g_phi(z_s)|^2 + |sg(g_theta(z_s)) - g_phi(z_s)|^2) / D
+      (terms selectable, see AUX_TERMS);
+  parameter-space student loss  L(eta) = w(s) <x_tilde_B, sg(d)> / D with
+      d = JVP of theta -> g_theta(z_s^B) along nu = -Lambda g_A.
+
+Time sampling, in the coordinate u in [0, 1] of the student's sampler grid (u = t for the
+'uniform_t' spacing, u linear in logSNR for 'uniform_logsnr'; see `logsnr_of_u`):
+  'continuous': s ~ U(0, 1), t = min(1, s + U(0, 1/k))            (design note, [agreed])
+  'grid':       t = i/k with i ~ U{1..k}, s ~ U[t - 1/k, t)           (the student's own grid)
+
+Weightings w(s) (`WEIGHTINGS`):
+  'constant'      1
+  'sigmoid'       sigmoid(logsnr_s - bias)
+  'snr_plus_one'  1 + 1 / (exp(-logsnr_s) + exp(-5))   (v-style 1 + SNR with SNR capped at e^5)
+  'teacher'       the teacher's training weighting on |x - x_hat|^2 (process.log_x_weight with
+                  distill.teacher_weighting, e.g. 'v' = 1 + SNR, 'eps' = SNR)
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mmd_jax.diffusion import process
+from mmd_jax.diffusion.samplers import SPACINGS
+from mmd_jax.diffusion.schedules import Schedule
+
+VARIANTS = ("alternating", "parameter_space")
+UPDATE_SCHEDULES = ("both", "alternate")
+TIME_SAMPLINGS = ("grid", "continuous")
+WEIGHTINGS = ("snr_plus_one", "constant", "sigmoid", "teacher")
+PRECONDITIONERS = ("squared_grads", "adam", "identity")
+AUX_TERMS = ("student", "teacher", "data")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The `distill` section of an experiment config, with documented defaults.
+
+  variant            'alternating' (Algorithm 2: student + auxiliary phi) or 'parameter_space'
+                     (Algorithm 3: no auxiliary; teacher gradient on half A, JVP on half B).
+  num_student_steps  k, the number of steps of the student's sampler (1, 2, 4, 8, ...).
+  update_schedule    alternating only: 'both' = phi and eta updated on every step from one batch
+                     (default; the student uses phi before its update), 'alternate' = phi on even
+                     steps, eta on odd steps (the re-implementations' choice).
+  time_sampling      'grid' (default) or 'continuous'; see the module docstring.
+  weighting          w(s): 'snr_plus_one' (default), 'constant', 'sigmoid', 'teacher'.
+  weighting_bias     b of the 'sigmoid' weighting and of a 'sigmoid' teacher weighting.
+  teacher_weighting  the teacher's own weighting for weighting='teacher' ('v', 'eps', 'x',
+                     'sigmoid'); set it from the teacher's training config.
+  spacing            the student sampler's grid: 'uniform_t' (default) or 'uniform_logsnr'
+                     (samplers.logsnr_grid); training times are drawn on the same coordinate.
+  eta                ancestral noise of the student's sampler (1 = ancestral, default), used both
+                     in sampling and for z_s in training (process.sample_step).
+  guidance           classifier-free guidance weight w of the distilled teacher
+                     g^w = g(c) + w (g(c) - g(null)); 0 disables. The student is unguided.
+  unconditional_zs   ablation: z_s ~ q(z_s | x_tilde) (diffuse x_tilde directly), ignoring z_t.
+  aux_terms          comma-separated terms of the auxiliary loss: 'student' (regress
+                     sg(x_tilde) at z_s), 'teacher' (regress sg(g_theta(z_s))), 'data' (denoising
+                     loss on the real batch). Default 'student,teacher' (design note).
+  preconditioner     parameter_space only: 'squared_grads' (default; diagonal from squared
+                     teacher gradients on real data, `steps.squared_grad_preconditioner`),
+                     'adam' (the teacher's Adam second moments), 'identity'.
+  precond_eps        eps of Lambda = 1 / (sqrt(v) + eps).
+  precond_batches    number of real-data microbatches whose squared gradients are averaged.
+  nu_ema             parameter_space only: EMA decay of the direction nu over steps (bias
+                     corrected); 0 = off (the paper's estimator, default). Not in the paper.
+  ema_decay          EMA of the student's parameters (used for sampling/evaluation).
+  optim              optimizer of student and auxiliary (fields of training.optim.make_optimizer).
+  batch_size, num_steps  the training run (the parameter-space step splits the batch in halves).
+  """
+  c = ml_collections.ConfigDict()
+  c.variant = "alternating"
+  c.num_student_steps = 8
+  c.update_schedule = "both"
+  c.time_sampling = "grid"
+  c.weighting = "snr_plus_one"
+  c.weighting_bias = 0.0
+  c.teacher_weighting = "v"
+  c.spacing = "uniform_t"
+  c.eta = 1.0
+  c.guidance = 0.0
+  c.unconditional_zs = False
+  c.aux_terms = "student,teacher"
+  c.preconditioner = "squared_grads"
+  c.precond_eps = 1e-8
+  c.precond_batches = 16
+  c.nu_ema = 0.0
+  c.ema_decay = 0.998
+  c.batch_size = 512
+  c.num_steps = 5000
+  c.optim = ml_collections.ConfigDict(dict(
+      learning_rate=1e-4, warmup_steps=0, schedule="cosine", b1=0.0, b2=0.99, eps=1e-8,
+      weight_decay=0.0, grad_clip=0.0))
+  return c
+
+
+def validate_config(config) -> None:
+  """Raises ValueError naming the bad field of a `distill` config section."""
+  def choice(name, options):
+    value = config.get(name)
+    if value not in options:
+      raise ValueError(f"distill.{name}={value!r} is not one of {options}.")
+
+  choice("variant", VARIANTS)
+  choice("update_schedule", UPDATE_SCHEDULES)
+  choice("time_sampling", TIME_SAMPLINGS)
+  choice("weighting", WEIGHTINGS)
+  choice("spacing", SPACINGS)
+  choice("preconditioner", PRECONDITIONERS)
+  k = config.get("num_student_steps")
+  if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+    raise ValueError(f"distill.num_student_steps must be a positive int, got {k!r}.")
+  if not 0.0 <= float(config.get("nu_ema", 0.0)) < 1.0:
+    raise ValueError(f"distill.nu_ema must be in [0, 1), got {config.nu_ema}.")
+  if not 0.0 <= float(config.get("eta", 1.0)) <= 1.0:
+    raise ValueError(f"distill.eta must be in [0, 1], got {config.eta}.")
+  parse_aux_terms(config.get("aux_terms", "student,teacher"))
+
+
+def parse_aux_terms(spec: str) -> tuple[str, ...]:
+  terms = tuple(t.strip() for t in str(spec).split(",") if t.strip())
+  bad = [t for t in terms if t not in AUX_TERMS]
+  if bad or not terms:
+    raise ValueError(f"distill.aux_terms={spec!r}: use a comma-separated subset of {AUX_TERMS}.")
+  return terms
+
+
+# ----------------------------------------------------------------------------------------------
+# Times and weights
+# ----------------------------------------------------------------------------------------------
+
+def logsnr_of_u(u, *, schedule: Schedule, spacing: str):
+  """logSNR at grid coordinate u in [0, 1] (u = 1 is pure noise), matching samplers.logsnr_grid."""
+  u = jnp.asarray(u, jnp.float32)
+  if spacing == "uniform_t":
+    return schedule.logsnr(u)
+  if spacing == "uniform_logsnr":
+    hi, lo = float(schedule.logsnr(0.0)), float(schedule.logsnr(1.0))
+    return hi + (lo - hi) * u
+  raise ValueError(f"Unknown grid spacing {spacing!r}; choose one of {SPACINGS}.")
+
+
+def sample_times(*, rng, batch: int, num_student_steps: int, time_sampling: str):
+  """(u_t, u_s) f32[batch] each, with u_s <= u_t, in the grid coordinate."""
+  k = float(num_student_steps)
+  r1, r2 = jax.random.split(rng)
+  if time_sampling == "continuous":
+    u_s = jax.random.uniform(r1, (batch,))
+    u_t = jnp.minimum(1.0, u_s + jax.random.uniform(r2, (batch,)) / k)
+    return u_t, u_s
+  if time_sampling == "grid":
+    i = jax.random.randint(r1, (batch,), 1, num_student_steps + 1).astype(jnp.float32)
+    u_t = i / k
+    u_s = u_t - (1.0 - jax.random.uniform(r2, (batch,))) / k  # in [t - 1/k, t)
+    return u_t, jnp.maximum(u_s, 0.0)
+  raise ValueError(f"Unknown time_sampling {time_sampling!r}; choose one of {TIME_SAMPLINGS}.")
+
+
+def weight(*, weighting: str, logsnr, bias: float = 0.0, teacher_weighting: str = "v"):
+  """w(s) as a function of logsnr_s: f32[B]."""
+  logsnr = jnp.asarray(logsnr, jnp.float32)
+  if weighting == "constant":
+    return jnp.ones_like(logsnr)
+  if weighting == "sigmoid":
+    return jax.nn.sigmoid(logsnr - bias)
+  if weighting == "snr_plus_one":
+    return 1.0 + 1.0 / (jnp.exp(-logsnr) + jnp.exp(-5.0))
+  if weighting == "teacher":
+    return jnp.exp(process.log_x_weight(weighting=teacher_weighting, logsnr=logsnr, bias=bias))
+  raise ValueError(f"Unknown weighting {weighting!r}; choose one of {WEIGHTINGS}.")
+
+
+# ----------------------------------------------------------------------------------------------
+# z_s and the losses
+# ----------------------------------------------------------------------------------------------
+
+def _mean_dims(a):
+  return jnp.mean(a.reshape(a.shape[0], -1), axis=-1)
+
+
+def sample_z_s(*, rng, z_t, x_tilde, logsnr_s, logsnr_t, eta: float = 1.0,
+               unconditional: bool = False):
+  """z_s ~ q(z_s | z_t, x_tilde) (eta = 1; process.sample_step for eta < 1), or with
+  `unconditional` the ablation z_s ~ q(z_s | x_tilde). Gradients are stopped."""
+  noise = jax.random.normal(rng, x_tilde.shape, jnp.float32)
+  x_tilde = jax.lax.stop_gradient(x_tilde)
+  if unconditional:
+    return jax.lax.stop_gradient(process.diffuse(x=x_tilde, eps=noise, logsnr=logsnr_s))
+  return jax.lax.stop_gradient(process.sample_step(
+      z_t=z_t, x=x_tilde, logsnr_s=logsnr_s, logsnr_t=logsnr_t, noise=noise, eta=eta))
+
+
+def student_loss(*, x_tilde, g_aux, g_teacher, w):
+  """Per-example w <x_tilde, sg(g_aux - g_teacher)> / D: f32[B]. Differentiate w.r.t. the
+  student parameters through x_tilde only."""
+  direction = jax.lax.stop_gradient(g_aux - g_teacher)
+  return jax.lax.stop_gradient(w) * _mean_dims(x_tilde * direction)
+
+
+def moment_gap(*, g_aux, g_teacher, w):
+  """Per-example w |g_aux - g_teacher|^2 / D, the quantity the student drives to zero: f32[B]."""
+  return w * _mean_dims(jnp.square(g_aux - g_teacher))
+
+
+def aux_loss(*, g_aux, x_tilde, g_teacher, w, terms=("student", "teacher"), x_data=None,
+             g_aux_data=None, w_data=None):
+  """Per-example auxiliary loss (sum of the selected terms): f32[B].
+
+  'student': w |sg(x_tilde) - g_aux(z_s)|^2, 'teacher': w |sg(g_teacher(z_s)) - g_aux(z_s)|^2,
+  'data': w_data |x - g_aux(z_t^data)|^2 on real data (needs x_data, g_aux_data, w_data).
+  """
+  sg = jax.lax.stop_gradient
+  total = jnp.zeros(g_aux.shape[:1], jnp.float32)
+  if "student" in terms:
+    total += _mean_dims(jnp.square(sg(x_tilde) - g_aux))
+  if "teacher" in terms:
+    total += _mean_dims(jnp.square(sg(g_teacher) - g_aux))
+  total = sg(w) * total
+  if "data" in terms:
+    if x_data is None or g_aux_data is None or w_data is None:
+      raise ValueError("aux term 'data' needs x_data, g_aux_data and w_data.")
+    total += sg(w_data) * _mean_dims(jnp.square(x_data - g_aux_data))
+  return total
+
+
+def teacher_loss_on_samples(*, x_tilde, g_teacher, w):
+  """Per-example w |sg(x_tilde) - g_theta(z_s)|^2 / D: the teacher's denoising loss on student
+  samples, whose parameter gradient g_A drives the parameter-space variant: f32[B]."""
+  return jax.lax.stop_gradient(w) * _mean_dims(
+      jnp.square(jax.lax.stop_gradient(x_tilde) - g_teacher))
+
+
+def parameter_space_student_loss(*, x_tilde, jvp_out, w):
+  """Per-example w <x_tilde, sg(d)> / D with d the teacher JVP along nu: f32[B]."""
+  return jax.lax.stop_gradient(w) * _mean_dims(x_tilde * jax.lax.stop_gradient(jvp_out))

@@ -1,0 +1,236 @@
+"""Moment-matching losses and steps: gradients against direct computations, the two variants'
+agreement, the k-step sampler, and a short distillation on a Gaussian mixture."""
+import functools
+import types
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mmd_jax.diffusion import process
+from mmd_jax.diffusion.schedules import Schedule
+from mmd_jax.distill import moment_matching as mm
+from mmd_jax.distill import preconditioners, steps
+from mmd_jax.evaluation import sample_metrics
+from mmd_jax.models import gmm
+
+SCHEDULE = Schedule()
+D = 2
+
+
+class TinyMLP(nn.Module):
+  """A stand-in denoiser with the project's call signature (raw output, any prediction)."""
+  hidden: int = 16
+
+  @nn.compact
+  def __call__(self, z, logsnr, label, train=False):
+    h = jnp.concatenate([z, jnp.tanh(logsnr[:, None] / 8.0), jnp.sin(logsnr[:, None] / 4.0)], -1)
+    h = nn.silu(nn.Dense(self.hidden)(h))
+    h = nn.silu(nn.Dense(self.hidden)(h))
+    return nn.Dense(z.shape[-1])(h)
+
+
+def _model_and_params(seed, hidden=16):
+  """The model and numpy-initialised parameters (shapes from eval_shape: no init compile)."""
+  model = TinyMLP(hidden=hidden)
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, D)), jnp.zeros((1,)), None))
+  rng = np.random.default_rng(seed)
+
+  def fill(leaf):
+    fan_in = leaf.shape[0] if len(leaf.shape) == 2 else 1
+    return jnp.asarray(rng.standard_normal(leaf.shape) / np.sqrt(fan_in), jnp.float32)
+
+  return model, jax.tree_util.tree_map(fill, shapes["params"])
+
+
+def _perturb(params, seed, scale=0.05):
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map(
+      lambda p: p + jnp.asarray(scale * rng.standard_normal(p.shape), jnp.float32), params)
+
+
+def _config(**overrides):
+  c = mm.default_config()
+  c.num_student_steps = 4
+  c.update(overrides)
+  return c
+
+
+@functools.lru_cache(maxsize=None)
+def _sgd_alternating_step():
+  """The jitted alternating step ('both') of the 'v'-predicting TinyMLP with SGD(1): its update
+  is exactly -grad. Shared by two tests (one compile)."""
+  model, _ = _model_and_params(0)
+  sgd = optax.sgd(1.0)
+  config = _config(update_schedule="both")
+  step = jax.jit(steps.make_alternating_step(config=config, denoise=steps.make_x_predictor(
+      model, "v"), schedule=SCHEDULE, student_tx=sgd, aux_tx=sgd))
+  return step, config, sgd
+
+
+def _delta(old, new):
+  return jax.tree_util.tree_map(lambda a, b: a - b, old, new)
+
+
+def test_student_gradient_is_weighted_jacobian_transpose_of_the_moment_gap():
+  model, theta = _model_and_params(0)
+  denoise = steps.make_x_predictor(model, "v")
+  eta, phi = _perturb(theta, 1), _perturb(theta, 2)
+  step, config, sgd = _sgd_alternating_step()
+  state = steps.init_distill_state(config=config, init_params=eta, student_tx=sgd, aux_tx=sgd)
+  state = state.replace(aux_params=phi)
+  x = jax.random.normal(jax.random.PRNGKey(3), (8, D))
+  rng = jax.random.PRNGKey(4)
+  new_state, metrics = step(state, theta, {"x": x, "label": None}, rng)
+  got = _delta(eta, new_state.params)
+
+  # Direct: the same draws, then w(s) (d x_tilde / d eta)^T (g_phi - g_theta) / (B D).
+  @jax.jit
+  def direct(eta, phi, theta):
+    _, key_b = steps.step_keys(rng, 0)
+    k_draw = jax.random.split(key_b)[0]
+    d, _ = steps.draw(k_draw, config=config, schedule=SCHEDULE, denoise=denoise, params=eta,
+                      x=x, label=None)
+    k_drop = jax.random.split(k_draw, 4)[3]
+    jac = jax.jacobian(lambda p: denoise(p, d["z_t"], d["logsnr_t"], None, train=True,
+                                         rng=k_drop))(eta)
+    gap = denoise(phi, d["z_s"], d["logsnr_s"], None) - denoise(theta, d["z_s"], d["logsnr_s"],
+                                                                 None)
+    coef = d["w"][:, None] * gap / (8 * D)
+    return jax.tree_util.tree_map(lambda j: jnp.tensordot(coef, j, axes=2), jac)
+
+  want = direct(eta, phi, theta)
+  for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=2e-4, atol=1e-7)
+  assert float(jnp.abs(jax.tree_util.tree_leaves(want)[0]).max()) > 1e-6
+  assert set(metrics) >= {"moment_gap", "aux_loss", "student_grad_norm"}
+  assert not np.allclose(jax.tree_util.tree_leaves(new_state.aux_params)[0],
+                         jax.tree_util.tree_leaves(phi)[0])
+
+
+def test_parameter_space_gradient_equals_alternating_gradient_with_instant_auxiliary():
+  model, theta = _model_and_params(0)
+  denoise = steps.make_x_predictor(model, "v")
+  eta = _perturb(theta, 1, scale=0.1)
+  config = _config(variant="parameter_space")
+  sgd = optax.sgd(1.0)
+  x = jax.random.normal(jax.random.PRNGKey(5), (16, D))
+  xa, xb = x[:8], x[8:]
+  rng = jax.random.PRNGKey(6)
+  lam = jax.tree_util.tree_map(
+      lambda p: jax.random.uniform(jax.random.PRNGKey(p.size), p.shape, minval=0.5, maxval=2.0),
+      theta)
+
+  ps_step = jax.jit(steps.make_parameter_space_step(config=config, denoise=denoise,
+                                                    schedule=SCHEDULE, student_tx=sgd))
+  state = steps.init_distill_state(config=config, init_params=eta, student_tx=sgd)
+  ps_state, _ = ps_step(state, theta, {"x": x, "label": None}, rng, lam)
+  ps_grad = _delta(eta, ps_state.params)
+
+  # The instant auxiliary phi = theta - eps Lambda g_A, with g_A from the same half-A draws.
+  @jax.jit
+  def grad_a(eta, theta):
+    key_a, _ = steps.step_keys(rng, 0)
+    d_a, _ = steps.draw(jax.random.split(key_a)[0], config=config, schedule=SCHEDULE,
+                        denoise=denoise, params=eta, x=xa, label=None)
+    return steps.teacher_grad_on_samples(teacher_denoise=denoise, teacher_params=theta, d=d_a,
+                                         config=config)[0]
+
+  g_a = grad_a(eta, theta)
+  eps = 1e-2 / float(optax.tree.norm(g_a))
+  phi = jax.tree_util.tree_map(lambda t, l, g: t - eps * l * g, theta, lam, g_a)
+  alt_step, alt_config, _ = _sgd_alternating_step()
+  alt_state = steps.init_distill_state(config=alt_config, init_params=eta, student_tx=sgd,
+                                       aux_tx=sgd).replace(aux_params=phi)
+  alt_state, _ = alt_step(alt_state, theta, {"x": xb, "label": None}, rng)
+  alt_grad = jax.tree_util.tree_map(lambda g: g / eps, _delta(eta, alt_state.params))
+
+  flat_ps = np.concatenate([np.ravel(g) for g in jax.tree_util.tree_leaves(ps_grad)])
+  flat_alt = np.concatenate([np.ravel(g) for g in jax.tree_util.tree_leaves(alt_grad)])
+  assert np.linalg.norm(flat_ps) > 0
+  rel = np.linalg.norm(flat_ps - flat_alt) / np.linalg.norm(flat_ps)
+  assert rel < 2e-2, rel
+
+
+def test_k1_student_sampler_returns_the_student_at_pure_noise():
+  model, params = _model_and_params(0)
+  denoise = steps.make_x_predictor(model, "eps")
+  sampler = steps.make_student_sampler(config=_config(num_student_steps=1), denoise=denoise,
+                                       schedule=SCHEDULE)
+  rng = jax.random.PRNGKey(7)
+  got = sampler(params, rng, shape=(5, D))
+  z1 = jax.random.normal(jax.random.split(rng)[0], (5, D))
+  want = jax.jit(denoise)(params, z1, jnp.full((5,), SCHEDULE.logsnr(1.0)), None)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_time_sampling_and_weights():
+  times = jax.jit(mm.sample_times, static_argnames=("batch", "num_student_steps",
+                                                   "time_sampling"))
+  u_t, u_s = times(rng=jax.random.PRNGKey(0), batch=4000, num_student_steps=4,
+                   time_sampling="grid")
+  np.testing.assert_allclose(np.unique(np.asarray(u_t)), [0.25, 0.5, 0.75, 1.0])
+  assert np.all(u_s < u_t) and np.all(u_s >= u_t - 0.25 - 1e-6)
+  u_t, u_s = times(rng=jax.random.PRNGKey(1), batch=4000, num_student_steps=4,
+                   time_sampling="continuous")
+  assert np.all(u_t >= u_s) and np.all(u_t - u_s <= 0.25 + 1e-6) and np.all(u_t <= 1.0)
+  w = mm.weight(weighting="snr_plus_one", logsnr=jnp.array([-15.0, 0.0, 15.0]))
+  np.testing.assert_allclose(w, [1.0, 1.0 + 1.0 / (1.0 + np.exp(-5.0)), 1.0 + np.exp(5.0)],
+                             rtol=1e-3)
+  with pytest.raises(ValueError, match="time_sampling"):
+    mm.validate_config(_config(time_sampling="grd"))
+
+
+def test_short_distillation_on_a_mixture_reduces_sliced_w2():
+  mix = types.SimpleNamespace(weights=[0.5, 0.5], means=[[-1.5, 0.0], [1.5, 0.5]],
+                              stds=[[0.2, 0.3], [0.3, 0.2]])
+  teacher_params = gmm.gmm_params(mix)
+  teacher = gmm.make_denoiser()
+  model, params = _model_and_params(0, hidden=48)
+  denoise = steps.make_x_predictor(model, "v")
+  data_rng = np.random.default_rng(0)
+
+  def sample_data(n):
+    comp = data_rng.choice(2, size=n, p=mix.weights)
+    return (np.asarray(mix.means)[comp]
+            + np.asarray(mix.stds)[comp] * data_rng.standard_normal((n, D))).astype(np.float32)
+
+  # Initialise the student by regression onto the exact denoiser (what a trained teacher is).
+  reg_tx = optax.adam(3e-3)
+
+  @jax.jit
+  def regress(params, opt_state, x, key):
+    k1, k2 = jax.random.split(key)
+    logsnr = SCHEDULE.logsnr(jax.random.uniform(k1, (x.shape[0],)))
+    z, _ = process.sample_z_t(rng=k2, x=x, logsnr=logsnr)
+    target = teacher(teacher_params, z, logsnr)
+    loss = lambda p: jnp.mean(jnp.square(denoise(p, z, logsnr, None) - target))
+    grads = jax.grad(loss)(params)
+    updates, opt_state = reg_tx.update(grads, opt_state)
+    return optax.apply_updates(params, updates), opt_state
+
+  opt_state = reg_tx.init(params)
+  for i in range(300):
+    params, opt_state = regress(params, opt_state, sample_data(256), jax.random.PRNGKey(i))
+
+  config = _config(num_student_steps=1, ema_decay=0.0)
+  tx = optax.adam(1e-3, b1=0.0, b2=0.99)
+  step = jax.jit(steps.make_alternating_step(config=config, denoise=denoise, schedule=SCHEDULE,
+                                             student_tx=tx, aux_tx=tx, teacher_denoise=teacher))
+  sampler = jax.jit(steps.make_student_sampler(config=config, denoise=denoise, schedule=SCHEDULE),
+                    static_argnames="shape")
+  ref = sample_data(2000)
+  before = sample_metrics.sliced_wasserstein2(
+      np.asarray(sampler(params, jax.random.PRNGKey(1), shape=(2000, D))), ref)
+  state = steps.init_distill_state(config=config, init_params=params, student_tx=tx, aux_tx=tx)
+  rng = jax.random.PRNGKey(2)
+  for _ in range(300):
+    state, metrics = step(state, teacher_params, {"x": sample_data(256), "label": None}, rng)
+  after = sample_metrics.sliced_wasserstein2(
+      np.asarray(sampler(state.params, jax.random.PRNGKey(1), shape=(2000, D))), ref)
+  assert np.isfinite(float(metrics["moment_gap"]))
+  assert after < 0.5 * before, (before, after)
