@@ -14,6 +14,7 @@ Arguments (`--config=configs/digits.py:ARG`, comma-separated):
 import ml_collections
 
 from mmd_jax import config_lib
+from mmd_jax.distill import moment_matching
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -24,7 +25,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(name="digits", data_dir="", split="train", spec_path=""))
 
   c.model = ml_collections.ConfigDict(dict(
-      kind="unet", prediction="v", base_channels=64, channel_mult=(1, 2), num_res_blocks=2,
+      kind="unet", prediction="v", base_channels=32, channel_mult=(1, 2), num_res_blocks=1,
       attn_resolutions=(4,), head_dim=32, dropout=0.1, dtype="float32", remat=False))
 
   c.diffusion = ml_collections.ConfigDict(dict(
@@ -37,24 +38,35 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       weight_decay=0.0, grad_clip=1.0, ema_decay=0.999))
 
   c.training = ml_collections.ConfigDict(dict(
-      batch_size=128, num_steps=6000, log_every=100, checkpoint_every=1000, eval_every=3000,
+      batch_size=64, num_steps=3000, log_every=100, checkpoint_every=500, eval_every=1500,
       max_to_keep=3))
 
   c.eval = ml_collections.ConfigDict(dict(
-      periodic="ancestral:32", final="ancestral:8,ancestral:32,ancestral:256",
+      periodic="ancestral:32", final="ancestral:8,ancestral:32,ancestral:256,ddim:8",
       num_samples=1000, batch_size=500, grid_per_class=10, use_ema=True))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
+  # Distillation (--mode=distill, and the pipeline's students). Fields: moment_matching docstring.
+  c.distill = moment_matching.default_config()
+  c.distill.update(teacher="", batch_size=64, num_steps=800, ema_decay=0.99)
+  c.distill.optim.update(learning_rate=2e-4, warmup_steps=50)
+
+  # --mode=pipeline (the default): teacher, then these students, then a comparison table.
+  c.mode = "pipeline"
+  c.pipeline = ml_collections.ConfigDict(dict(students="alternating:8,alternating:2"))
+
   if args.get("runlocal"):
     c.training.update(num_steps=300, log_every=50, checkpoint_every=150, eval_every=300)
-    c.eval.update(final="ancestral:8,ancestral:32", num_samples=500)
+    c.eval.update(final="ancestral:8,ancestral:32,ddim:8", num_samples=500)
+    c.distill.update(num_steps=200)
   if args.get("test"):
     c.model.update(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, head_dim=16)
     c.training.update(batch_size=16, num_steps=6, log_every=2, checkpoint_every=3, eval_every=6)
     c.optim.update(warmup_steps=2)
     c.eval.update(periodic="ancestral:2", final="ancestral:2", num_samples=40, batch_size=40,
                   grid_per_class=2)
+    c.distill.update(batch_size=16, num_steps=4)
   if "steps" in args:
     c.training.num_steps = int(args["steps"])
   return c

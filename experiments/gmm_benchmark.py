@@ -14,11 +14,16 @@ Setting (the issue's protocol):
 - Students: MLPs (v-prediction) initialised by regression onto the exact denoiser ("mlp_teacher",
   a short pretraining; its own 256-step ancestral row shows how good the regression is).
   alt        alternating variant (Algorithm 2), teacher = exact denoiser, k = 1, 2, 4, 8
+  alt_mlp    alternating variant with the regressed MLP as teacher (like ps), k = 8
   ps         parameter-space variant (Algorithm 3), teacher = the regressed MLP, k = 1, 2, 4, 8
   ps_mixture parameter-space variant with the mixture's own parameters (logits, means,
              log-stds) as the teacher parameters, k = 8
+  progressive  k = 1 students of alt and ps initialised from their k = 2 students (instead of
+             the regressed MLP, whose t = 1 output is the data mean for every z_1)
   uncond     the alternating k = 8 student with z_s ~ q(z_s | x_tilde) (ablation)
-  The k = 8 rows of alt and ps are repeated over --seeds seeds (distillation randomness).
+  The k = 8 rows of alt, ps and uncond are repeated over --seeds seeds (distillation
+  randomness; the regressed MLP is the same). The distillation weighting is the config default
+  'auto' (constant for k <= 2, snr_plus_one above).
 - Metrics (mmd_jax.evaluation.sample_metrics) on --num_samples generated samples against as many
   fresh true samples: unbiased energy distance (primary), sliced W2 (512 projections), mean
   log-likelihood under the true mixture, mode-weight error. Students are evaluated with their
@@ -30,8 +35,9 @@ Output: a table on stdout; --out writes JSON {"rows": {"<method>/k=<k>[/seed=<s>
 value, ...}}, "summary": {...mean/std over seeds...}, "settings": {...}}; for a 2-D spec also a
 scatter plot next to it (<out>.png).
 
-Row overrides (--extra, ';'-separated): "<alt|ps|ps_mixture>:k=<k>[:field=value...]" with fields
-of the distill config (moment_matching.default_config()), e.g.
+Row overrides (--extra, ';'-separated): "<alt|alt_mlp|ps|ps_mixture>:k=<k>[:field=value...]" with
+fields of the distill config (moment_matching.default_config()) or init_from=<an earlier row>
+(initialise student and auxiliary from that row's trained student), e.g.
 "alt:k=1:time_sampling=continuous;ps:k=8:nu_ema=0.0".
 """
 from __future__ import annotations
@@ -45,6 +51,7 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
@@ -55,12 +62,13 @@ from mmd_jax.diffusion.schedules import Schedule  # pylint: disable=wrong-import
 from mmd_jax.distill import moment_matching as mm  # pylint: disable=wrong-import-position
 from mmd_jax.distill import preconditioners, steps  # pylint: disable=wrong-import-position
 from mmd_jax.evaluation import sample_metrics  # pylint: disable=wrong-import-position
-from mmd_jax.models import gmm  # pylint: disable=wrong-import-position
-from mmd_jax.training import optim  # pylint: disable=wrong-import-position
+from mmd_jax.models import gmm, mlp  # pylint: disable=wrong-import-position
 
 TEACHER_STEPS = (1, 2, 4, 8, 32, 256)
 STUDENT_KS = (1, 2, 4, 8)
-ROW_GROUPS = ("floor", "teacher", "mlp_teacher", "alt", "ps", "ps_mixture", "uncond")
+ROW_GROUPS = ("floor", "teacher", "mlp_teacher", "alt", "ps", "progressive", "ps_mixture",
+              "alt_mlp", "uncond")
+KINDS = ("alt", "alt_mlp", "ps", "ps_mixture")
 METRICS = ("energy", "sliced_w2", "loglik", "mode_weight_error")
 CHUNK = 100  # distillation steps per compiled lax.scan
 
@@ -69,35 +77,15 @@ CHUNK = 100  # distillation steps per compiled lax.scan
 # Model
 # ----------------------------------------------------------------------------------------------
 
-class _StandInMLP(nn.Module):
-  """Residual MLP denoiser with the project's call signature; used only while
-  mmd_jax.models.mlp is not available."""
-  hidden: int = 256
-  depth: int = 3
-  num_classes: int = 0
-
-  @nn.compact
-  def __call__(self, z, logsnr, label=None, train=False):
-    del label, train
-    periods = jnp.exp(jnp.linspace(0.0, jnp.log(1e3), 16))
-    ang = 2 * jnp.pi * logsnr[:, None] / periods
-    emb = nn.silu(nn.Dense(self.hidden)(jnp.concatenate([jnp.sin(ang), jnp.cos(ang)], -1)))
-    h = nn.Dense(self.hidden)(z) + nn.Dense(self.hidden)(emb)
-    for _ in range(self.depth):
-      u = nn.silu(nn.Dense(self.hidden)(nn.LayerNorm()(h)) + nn.Dense(self.hidden)(emb))
-      h = h + nn.Dense(self.hidden)(u)
-    return nn.Dense(z.shape[-1])(nn.silu(nn.LayerNorm()(h)))
-
-
 def build_model(*, dim: int, hidden: int, depth: int):
-  """(module, source): mmd_jax.models.mlp.build_mlp when it exists, else the stand-in."""
-  try:
-    from mmd_jax.models import mlp  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return _StandInMLP(hidden=hidden, depth=depth), "stand-in (experiments/gmm_benchmark.py)"
-  import ml_collections  # pylint: disable=g-import-not-at-top
+  """The project's MLP denoiser (mmd_jax.models.mlp), unconditional."""
   cfg = ml_collections.ConfigDict(dict(kind="mlp", hidden=hidden, depth=depth, prediction="v"))
-  return mlp.build_mlp(cfg, dim=dim, num_classes=0), "mmd_jax.models.mlp"
+  return mlp.build_mlp(cfg, dim=dim, num_classes=0)
+
+
+def init_params(model, key, dim):
+  return nn.meta.unbox(model.init(key, jnp.zeros((1, dim)), jnp.zeros((1,)), None,
+                                  train=False)["params"])
 
 
 def load_mixture(path):
@@ -119,8 +107,7 @@ def regress_mlp(*, model, denoise, mixture, schedule, steps_, batch, lr, seed, l
   exact = gmm.make_denoiser()
   teacher_params = gmm.gmm_params(mixture)
   dim = mixture.dim
-  params = jax.jit(lambda k: model.init(k, jnp.zeros((1, dim)), jnp.zeros((1,)), None)["params"])(
-      jax.random.PRNGKey(seed))
+  params = jax.jit(lambda k: init_params(model, k, dim))(jax.random.PRNGKey(seed))
   tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps_ // 10), steps_),
                   b2=0.99)
 
@@ -155,6 +142,26 @@ def regress_mlp(*, model, denoise, mixture, schedule, steps_, batch, lr, seed, l
   return carry[0]
 
 
+def save_params(path, params):
+  flat = {jax.tree_util.keystr(k): np.asarray(v)
+          for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  np.savez(path, **flat)
+
+
+def load_params(path, template):
+  """Params saved by save_params, or None if the file is missing or does not fit template."""
+  if not os.path.exists(path):
+    return None
+  with np.load(path, allow_pickle=False) as data:
+    leaves = []
+    for key, leaf in jax.tree_util.tree_flatten_with_path(template)[0]:
+      name = jax.tree_util.keystr(key)
+      if name not in data or data[name].shape != leaf.shape:
+        return None
+      leaves.append(jnp.asarray(data[name]))
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), leaves)
+
+
 def eval_samples(samples, reference, mixture):
   return sample_metrics.all_metrics(np.asarray(samples), reference, mixture)
 
@@ -172,13 +179,16 @@ def parse_extra(spec: str):
   for item in filter(None, (s.strip() for s in spec.split(";"))):
     parts = item.split(":")
     kind = parts[0]
-    if kind not in ("alt", "ps", "ps_mixture"):
-      raise ValueError(f"--extra row {item!r}: kind must be alt, ps or ps_mixture.")
+    if kind not in KINDS:
+      raise ValueError(f"--extra row {item!r}: kind must be one of {KINDS}.")
     k, overrides = None, {}
     for p in parts[1:]:
       name, _, value = p.partition("=")
       if name == "k":
         k = int(value)
+        continue
+      if name == "init_from":
+        overrides[name] = value
         continue
       if name not in defaults:
         raise ValueError(f"--extra row {item!r}: unknown distill field {name!r}.")
@@ -200,27 +210,33 @@ def parse_extra(spec: str):
 # ----------------------------------------------------------------------------------------------
 
 def distill_one(*, kind, k, seed, overrides, args, mixture, schedule, denoise, mlp_params,
-                log):
-  """Trains one student; returns (EMA params, info dict with timing and FLOPs)."""
+                log, init_params=None):
+  """Trains one student (and auxiliary) initialised from init_params (default: the regressed
+  MLP); returns (EMA params, info dict with timing and FLOPs)."""
+  init_params = mlp_params if init_params is None else init_params
   config = mm.default_config()
   config.num_student_steps = k
   config.num_steps = args.steps
   config.batch_size = args.batch
   config.ema_decay = args.ema
-  if kind == "alt":
+  if kind in ("alt", "alt_mlp"):
     config.variant = "alternating"
   else:
     config.variant = "parameter_space"
     config.nu_ema = args.nu_ema
   config.update(overrides)
   mm.validate_config(config)
-  tx = optim.make_optimizer(config.optim, total_steps=config.num_steps)
+  tx, aux_tx = steps.make_optimizers(config)
   exact = gmm.make_denoiser()
   precond = None
-  if kind == "alt":
-    teacher_denoise, teacher_params = exact, gmm.gmm_params(mixture)
+  if kind in ("alt", "alt_mlp"):
+    if kind == "alt":
+      teacher_denoise, teacher_params = exact, gmm.gmm_params(mixture)
+    else:
+      teacher_denoise, teacher_params = denoise, mlp_params
     step = steps.make_alternating_step(config=config, denoise=denoise, schedule=schedule,
-                                       student_tx=tx, aux_tx=tx, teacher_denoise=exact)
+                                       student_tx=tx, aux_tx=aux_tx,
+                                       teacher_denoise=teacher_denoise)
   else:
     if kind == "ps":
       teacher_denoise, teacher_params = denoise, mlp_params
@@ -236,14 +252,13 @@ def distill_one(*, kind, k, seed, overrides, args, mixture, schedule, denoise, m
           schedule=schedule))(teacher_params, real, jax.random.PRNGKey(seed + 6000))
     elif config.preconditioner == "adam":
       raise ValueError("The GMM teachers have no Adam state; use squared_grads or identity.")
-  state = steps.init_distill_state(config=config, init_params=mlp_params, student_tx=tx,
-                                   aux_tx=tx if kind == "alt" else None,
-                                   teacher_params=teacher_params)
+  state = steps.init_distill_state(config=config, init_params=init_params, student_tx=tx,
+                                   aux_tx=aux_tx, teacher_params=teacher_params)
   batch_size = config.batch_size
 
   def call(state, key, teacher_params, precond):
     batch = {"x": sample_data(mixture, jax.random.fold_in(key, 1), batch_size)}
-    if kind == "alt":
+    if config.variant == "alternating":
       return step(state, teacher_params, batch, jax.random.fold_in(key, 2))
     return step(state, teacher_params, batch, jax.random.fold_in(key, 2), precond)
 
@@ -305,6 +320,8 @@ def parse_args(argv=None):
   p.add_argument("--nu_ema", type=float, default=0.99, help="nu EMA of the ps rows")
   p.add_argument("--hidden", type=int, default=256)
   p.add_argument("--depth", type=int, default=3)
+  p.add_argument("--mlp_cache", default="", help=".npz of the regressed MLP: loaded if it "
+                 "exists and fits the model, else written after the regression (development)")
   p.add_argument("--regress_steps", type=int, default=None, help="MLP regression steps (4000; "
                  "--quick 1000)")
   args = p.parse_args(argv)
@@ -395,7 +412,9 @@ def main(argv=None):
         f"loglik={rows[name]['loglik']:.3f} mode_err={rows[name]['mode_weight_error']:.4f}")
 
   if "floor" in groups:
-    add("floor/true_vs_true", mixture.sample(np.random.default_rng(654_321), n)["x"])
+    for seed in range(max(1, args.seeds)):
+      add(f"floor/true_vs_true/seed={seed}",
+          mixture.sample(np.random.default_rng(654_321 + seed), n)["x"])
   if "teacher" in groups:
     exact, gp = gmm.make_denoiser(), gmm.gmm_params(mixture)
     for sampler, eta in (("ancestral", 1.0), ("ddim", 0.0)):
@@ -403,15 +422,23 @@ def main(argv=None):
         fn = teacher_sampler(exact, schedule, num_steps=num, eta=eta, n=n, dim=dim)
         add(f"teacher_{sampler}/k={num}", fn(gp, jax.random.PRNGKey(num)))
 
-  model, model_source = build_model(dim=dim, hidden=args.hidden, depth=args.depth)
+  model = build_model(dim=dim, hidden=args.hidden, depth=args.depth)
   denoise = steps.make_x_predictor(model, "v")
-  needs_mlp = groups & {"mlp_teacher", "alt", "ps", "ps_mixture", "uncond"} or args.extra_rows
+  needs_mlp = groups - {"floor", "teacher"} or args.extra_rows
   mlp_params = None
   if needs_mlp:
-    log(f"model: {model_source}, hidden {args.hidden}, depth {args.depth}, v-prediction")
-    mlp_params = regress_mlp(model=model, denoise=denoise, mixture=mixture, schedule=schedule,
-                             steps_=args.regress_steps, batch=args.batch, lr=1e-3, seed=0,
-                             log=log)
+    log(f"model: mmd_jax.models.mlp.MLPDenoiser, hidden {args.hidden}, depth {args.depth}, "
+        "v-prediction")
+    template = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), dim))
+    mlp_params = load_params(args.mlp_cache, template) if args.mlp_cache else None
+    if mlp_params is None:
+      mlp_params = regress_mlp(model=model, denoise=denoise, mixture=mixture,
+                               schedule=schedule, steps_=args.regress_steps, batch=args.batch,
+                               lr=1e-3, seed=0, log=log)
+      if args.mlp_cache:
+        save_params(args.mlp_cache, mlp_params)
+    else:
+      log(f"  regressed MLP loaded from {args.mlp_cache}")
   if "mlp_teacher" in groups:
     for num in (1, 8, 256):
       fn = teacher_sampler(denoise, schedule, num_steps=num, eta=1.0, n=n, dim=dim)
@@ -425,16 +452,31 @@ def main(argv=None):
           jobs.append((f"{kind}/k={k}" + (f"/seed={seed}" if k == 8 else ""), kind, k, seed, {}))
   if "ps_mixture" in groups:
     jobs.append(("ps_mixture/k=8", "ps_mixture", 8, 0, {}))
+  if "alt_mlp" in groups:
+    jobs.append(("alt_mlp/k=8", "alt_mlp", 8, 0, {}))
+  if "progressive" in groups:
+    for kind in ("alt", "ps"):
+      if kind in groups and 2 in ks:
+        jobs.append((f"{kind}_progressive/k=1", kind, 1, 0, {"init_from": f"{kind}/k=2"}))
   if "uncond" in groups:
-    jobs.append(("uncond_zs/k=8", "alt", 8, 0, {"unconditional_zs": True}))
+    for seed in range(args.seeds):
+      jobs.append((f"uncond_zs/k=8/seed={seed}", "alt", 8, seed, {"unconditional_zs": True}))
   for kind, k, overrides in args.extra_rows:
-    tag = ",".join(f"{a}={b}" for a, b in overrides.items())
+    tag = ",".join(f"{a}={str(b).replace('/', '|')}" for a, b in overrides.items())
     jobs.append((f"{kind}[{tag}]/k={k}", kind, k, 0, overrides))
 
+  trained = {}
   for name, kind, k, seed, overrides in jobs:
+    overrides = dict(overrides)
+    init_from = overrides.pop("init_from", None)
+    if init_from is not None and init_from not in trained:
+      raise ValueError(f"Row {name}: init_from={init_from!r} is not a row trained before it "
+                       f"({sorted(trained)}).")
     ema_params, info = distill_one(kind=kind, k=k, seed=seed, overrides=overrides, args=args,
                                    mixture=mixture, schedule=schedule, denoise=denoise,
-                                   mlp_params=mlp_params, log=log)
+                                   mlp_params=mlp_params, log=log,
+                                   init_params=trained.get(init_from))
+    trained[name] = ema_params
     cfg = mm.default_config()
     cfg.num_student_steps = k
     cfg.update({key: v for key, v in overrides.items() if key in ("eta", "spacing")})
@@ -455,13 +497,16 @@ def main(argv=None):
   log(f"total {time.time() - t_start:.0f}s")
   if args.out:
     settings = {k: v for k, v in vars(args).items() if k != "extra_rows"}
-    settings.update(model_source=model_source, schedule="cosine [-15, 15]",
+    settings.update(model="mmd_jax.models.mlp.MLPDenoiser (v-prediction)",
+                    schedule="cosine [-15, 15]",
                     distill_defaults=mm.default_config().to_dict())
     with open(args.out, "w", encoding="utf-8") as f:
       json.dump({"rows": rows, "summary": summary, "settings": settings}, f, indent=1)
     if dim == 2 and panels:
-      keep = [p for p in panels if not p.startswith("floor")]
-      scatter_png(os.path.splitext(args.out)[0] + ".png", {p: panels[p] for p in keep[:15]},
+      keep = [p for p in panels if not p.startswith("floor") and (
+          not p.startswith(("teacher", "mlp_teacher")) or p.endswith(("/k=1", "/k=8", "/k=256")))
+              and not p.endswith(("/seed=1", "/seed=2"))]
+      scatter_png(os.path.splitext(args.out)[0] + ".png", {p: panels[p] for p in keep},
                   reference)
     log(f"wrote {args.out}")
 

@@ -2,7 +2,8 @@
 from mmd_jax.config_lib import ConfigError
 from mmd_jax.data.errors import DatasetNotPreparedError
 from mmd_jax.parallel.mesh import MeshError
+from mmd_jax.distill.teacher import TeacherError
 from mmd_jax.training.checkpoint import CheckpointError
 
-USER_ERRORS = (ConfigError, DatasetNotPreparedError, MeshError, CheckpointError,
+USER_ERRORS = (ConfigError, DatasetNotPreparedError, MeshError, CheckpointError, TeacherError,
                FloatingPointError)

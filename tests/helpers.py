@@ -17,12 +17,17 @@ def tiny_digits_config(data_dir, **overrides):
   return config_lib.apply_overrides(config, overrides)
 
 
-def cli(workdir, data_dir, *flags, timeout=300):
-  """Starts `python -m mmd_jax.main` on the tiny digits config; returns the Popen."""
+def cli(workdir, data_dir, *flags, devices=2):
+  """Starts `python -m mmd_jax.main` on the tiny digits config; returns the Popen.
+
+  It inherits the session's compilation cache (tests/conftest.py), so repeated runs of the same
+  config compile once.
+  """
   env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
+                      "--xla_backend_optimization_level=0")
   env["JAX_PLATFORMS"] = "cpu"
-  cmd = [sys.executable, "-m", "mmd_jax.main", f"--config={DIGITS}:test",
+  cmd = [sys.executable, "-m", "mmd_jax.main", f"--config={DIGITS}:test", "--mode=train",
          f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", *flags]
   return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)

@@ -16,16 +16,29 @@ from mmd_jax.models.mlp import MLPDenoiser, build_mlp
 from mmd_jax.models.unet import GroupNorm, UNet, build_unet, count_params, group_count
 
 B = 2
+# Tiny shapes run in microseconds; XLA:CPU optimisation dominates test time, so turn it off.
+_FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def _jit(fn, **kw):
+    return jax.jit(fn, compiler_options=_FAST_COMPILE, **kw)
 TINY = dict(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
             head_dim=8, num_classes=3, dropout=0.5)
 
 
-def _perturb(params, seed=1, scale=0.2):
-    """Unboxes and adds noise so zero-initialised layers no longer hide the conditioning."""
-    leaves, tree = jax.tree_util.tree_flatten(nn.unbox(params))
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(
-        tree, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+def _perturb(params, scale=0.2):
+    """Unboxes and adds noise so zero-initialised layers no longer hide the conditioning.
+
+    Noise comes from numpy: per-leaf jax.random calls would each need a compile.
+    """
+    rng = np.random.default_rng(1)
+    return jax.tree_util.tree_map(
+        lambda x: jnp.asarray(np.asarray(x) + scale * rng.standard_normal(x.shape), x.dtype),
+        nn.unbox(params))
+
+
+def _init(model, *args):
+    return _jit(lambda *a: model.init(jax.random.key(0), *a, train=False))(*args)
 
 
 def _check_logical_boxes(params):
@@ -44,8 +57,8 @@ def tiny_unet():
     z = jax.random.normal(jax.random.key(0), (B, 8, 8, 1))
     logsnr = jnp.array([-3.0, 4.0])
     label = jnp.array([0, 3], jnp.int32)  # 3 = null class
-    variables = model.init(jax.random.key(0), z, logsnr, label, train=False)
-    apply = jax.jit(lambda m, p, z, s, y, rng, train: m.apply({"params": p}, z, s, y, train=train,
+    variables = _init(model, z, logsnr, label)
+    apply = _jit(lambda m, p, z, s, y, rng, train: m.apply({"params": p}, z, s, y, train=train,
                                                               rngs={"dropout": rng}),
                     static_argnums=(0, 6))
     return model, variables["params"], z, logsnr, label, apply
@@ -85,7 +98,7 @@ def test_unet_remat_and_bf16_match(tiny_unet):
     np.testing.assert_allclose(apply(remat, p, z, logsnr, label, key, False), ref, rtol=1e-5, atol=1e-5)
 
     bf16 = UNet(**TINY, dtype=jnp.bfloat16)
-    bf16_params = bf16.init(jax.random.key(0), z, logsnr, label, train=False)["params"]
+    bf16_params = jax.eval_shape(lambda: bf16.init(jax.random.key(0), z, logsnr, label, train=False))["params"]
     _check_logical_boxes(bf16_params)  # params stay float32
     out = apply(bf16, p, z, logsnr, label, key, False)
     assert out.dtype == jnp.float32
@@ -100,6 +113,9 @@ def test_unet_bad_inputs_raise_before_compile():
         model.init(jax.random.key(0), z, jnp.zeros((B,)), None, train=False)
     with pytest.raises(ValueError, match="logsnr"):
         model.init(jax.random.key(0), z, jnp.zeros((B + 1,)), jnp.zeros((B,), jnp.int32), train=False)
+    with pytest.raises(ValueError, match="head_dim"):
+        UNet(**{**TINY, "head_dim": 5}).init(jax.random.key(0), z, jnp.zeros((B,)),
+                                             jnp.zeros((B,), jnp.int32), train=False)
     with pytest.raises(ValueError, match="divisible"):
         model.init(jax.random.key(0), jnp.zeros((B, 9, 9, 1)), jnp.zeros((B,)),
                    jnp.zeros((B,), jnp.int32), train=False)
@@ -110,8 +126,8 @@ def test_group_norm_matches_flax_reference():
     x = 3.0 * jax.random.normal(jax.random.key(0), (2, 4, 4, 48)) + 1.5
     ours = GroupNorm(num_groups=32)
     ref = nn.GroupNorm(num_groups=group_count(48), epsilon=1e-5)
-    y = ours.apply(ours.init(jax.random.key(0), x), x)
-    y_ref = ref.apply(ref.init(jax.random.key(0), x), x)
+    y, y_ref = _jit(lambda x: (ours.apply(ours.init(jax.random.key(0), x), x),
+                               ref.apply(ref.init(jax.random.key(0), x), x)))(x)
     np.testing.assert_allclose(y, y_ref, atol=2e-5)
 
 
@@ -157,19 +173,21 @@ def test_mlp_denoiser():
     z = jax.random.normal(jax.random.key(0), (B, 3))
     logsnr = jnp.array([-1.0, 2.0])
     label = jnp.array([0, 4], jnp.int32)
-    params = model.init(jax.random.key(0), z, logsnr, label, train=False)["params"]
+    params = _init(model, z, logsnr, label)["params"]
     _check_logical_boxes(params)
-    out = model.apply({"params": params}, z, logsnr, label, train=False)
+    apply = _jit(lambda p, y, rng, train: model.apply(
+        {"params": p}, z, logsnr, y, train=train, rngs={"dropout": jax.random.key(rng)}),
+        static_argnums=3)
+    out = apply(nn.unbox(params), label, 0, False)
     assert out.shape == z.shape and out.dtype == jnp.float32
     np.testing.assert_array_equal(out, 0.0)
     p = _perturb(params)
-    run = lambda y, train=False, rng=0: model.apply(
-        {"params": p}, z, logsnr, y, train=train, rngs={"dropout": jax.random.key(rng)})
+    run = lambda y, train=False, rng=0: apply(p, y, rng, train)
     assert float(jnp.abs(run(label) - run(jnp.array([1, 2], jnp.int32))).max()) > 1e-3
     assert float(jnp.abs(run(label, True, 1) - run(label, True, 2)).max()) > 1e-3
     np.testing.assert_array_equal(run(label, False, 1), run(label, False, 2))
     with pytest.raises(ValueError, match="label"):
         model.apply({"params": p}, z, logsnr, None, train=False)
     uncond = MLPDenoiser(hidden=16, depth=1)
-    v = uncond.init(jax.random.key(0), z, logsnr, train=False)
-    assert uncond.apply(v, z, logsnr, train=False).shape == z.shape
+    v = jax.eval_shape(lambda: uncond.init(jax.random.key(0), z, logsnr, train=False))
+    assert jax.eval_shape(lambda v: uncond.apply(v, z, logsnr, train=False), v).shape == z.shape

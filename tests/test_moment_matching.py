@@ -1,5 +1,6 @@
 """Moment-matching losses and steps: gradients against direct computations, the two variants'
-agreement, the k-step sampler, and a short distillation on a Gaussian mixture."""
+agreement, the k-step sampler, and a short distillation on a Gaussian mixture (tiny
+mmd_jax.models.mlp denoisers)."""
 import functools
 import types
 
@@ -15,36 +16,32 @@ from mmd_jax.diffusion.schedules import Schedule
 from mmd_jax.distill import moment_matching as mm
 from mmd_jax.distill import preconditioners, steps
 from mmd_jax.evaluation import sample_metrics
-from mmd_jax.models import gmm
+from mmd_jax.models import gmm, mlp
 
 SCHEDULE = Schedule()
 D = 2
+NUM_CLASSES = 3
+GUIDANCE = 1.5
+LABELS = jnp.array([0, 1, 2, 3, 1, 0, 2, 1], jnp.int32)  # includes the null label 3
 
 
-class TinyMLP(nn.Module):
-  """A stand-in denoiser with the project's call signature (raw output, any prediction)."""
-  hidden: int = 16
-
-  @nn.compact
-  def __call__(self, z, logsnr, label, train=False):
-    h = jnp.concatenate([z, jnp.tanh(logsnr[:, None] / 8.0), jnp.sin(logsnr[:, None] / 4.0)], -1)
-    h = nn.silu(nn.Dense(self.hidden)(h))
-    h = nn.silu(nn.Dense(self.hidden)(h))
-    return nn.Dense(z.shape[-1])(h)
-
-
-def _model_and_params(seed, hidden=16):
-  """The model and numpy-initialised parameters (shapes from eval_shape: no init compile)."""
-  model = TinyMLP(hidden=hidden)
-  shapes = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, D)), jnp.zeros((1,)), None))
+def _model_and_params(seed, hidden=16, num_classes=NUM_CLASSES):
+  """A small MLPDenoiser and numpy-initialised parameters (random everywhere, also where the
+  model's own init has zeros; shapes from eval_shape, so no init compile)."""
+  model = mlp.MLPDenoiser(hidden=hidden, depth=1, mlp_mult=1, num_classes=num_classes)
+  label = jnp.zeros((1,), jnp.int32) if num_classes else None
+  shapes = jax.eval_shape(lambda: nn.meta.unbox(model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, D)), jnp.zeros((1,)), label, train=False)["params"]))
   rng = np.random.default_rng(seed)
 
-  def fill(leaf):
-    fan_in = leaf.shape[0] if len(leaf.shape) == 2 else 1
-    return jnp.asarray(rng.standard_normal(leaf.shape) / np.sqrt(fan_in), jnp.float32)
+  def fill(path, leaf):
+    noise = rng.standard_normal(leaf.shape)
+    if len(leaf.shape) == 2:
+      return jnp.asarray(noise / np.sqrt(leaf.shape[0]), jnp.float32)
+    base = 1.0 if "scale" in jax.tree_util.keystr(path) else 0.0
+    return jnp.asarray(base + 0.3 * noise, jnp.float32)
 
-  return model, jax.tree_util.tree_map(fill, shapes["params"])
+  return model, jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def _perturb(params, seed, scale=0.05):
@@ -61,14 +58,14 @@ def _config(**overrides):
 
 
 @functools.lru_cache(maxsize=None)
-def _sgd_alternating_step():
-  """The jitted alternating step ('both') of the 'v'-predicting TinyMLP with SGD(1): its update
-  is exactly -grad. Shared by two tests (one compile)."""
+def _sgd_alternating_step(guidance):
+  """The jitted alternating step ('both') of the 'v'-predicting class-conditional MLP with
+  SGD(1): its update is exactly -grad."""
   model, _ = _model_and_params(0)
   sgd = optax.sgd(1.0)
-  config = _config(update_schedule="both")
+  config = _config(update_schedule="both", guidance=guidance)
   step = jax.jit(steps.make_alternating_step(config=config, denoise=steps.make_x_predictor(
-      model, "v"), schedule=SCHEDULE, student_tx=sgd, aux_tx=sgd))
+      model, "v"), schedule=SCHEDULE, student_tx=sgd, aux_tx=sgd, null_label=NUM_CLASSES))
   return step, config, sgd
 
 
@@ -80,26 +77,28 @@ def test_student_gradient_is_weighted_jacobian_transpose_of_the_moment_gap():
   model, theta = _model_and_params(0)
   denoise = steps.make_x_predictor(model, "v")
   eta, phi = _perturb(theta, 1), _perturb(theta, 2)
-  step, config, sgd = _sgd_alternating_step()
+  step, config, sgd = _sgd_alternating_step(GUIDANCE)
   state = steps.init_distill_state(config=config, init_params=eta, student_tx=sgd, aux_tx=sgd)
   state = state.replace(aux_params=phi)
   x = jax.random.normal(jax.random.PRNGKey(3), (8, D))
   rng = jax.random.PRNGKey(4)
-  new_state, metrics = step(state, theta, {"x": x, "label": None}, rng)
+  new_state, metrics = step(state, theta, {"x": x, "label": LABELS}, rng)
   got = _delta(eta, new_state.params)
 
-  # Direct: the same draws, then w(s) (d x_tilde / d eta)^T (g_phi - g_theta) / (B D).
+  # Direct: the same draws, then w(s) (d x_tilde / d eta)^T (g_phi - g_theta^w) / (B D) with the
+  # guided teacher g^w = g(c) + w (g(c) - g(null)).
   @jax.jit
   def direct(eta, phi, theta):
     _, key_b = steps.step_keys(rng, 0)
     k_draw = jax.random.split(key_b)[0]
     d, _ = steps.draw(k_draw, config=config, schedule=SCHEDULE, denoise=denoise, params=eta,
-                      x=x, label=None)
+                      x=x, label=LABELS)
     k_drop = jax.random.split(k_draw, 4)[3]
-    jac = jax.jacobian(lambda p: denoise(p, d["z_t"], d["logsnr_t"], None, train=True,
+    jac = jax.jacobian(lambda p: denoise(p, d["z_t"], d["logsnr_t"], LABELS, train=True,
                                          rng=k_drop))(eta)
-    gap = denoise(phi, d["z_s"], d["logsnr_s"], None) - denoise(theta, d["z_s"], d["logsnr_s"],
-                                                                 None)
+    cond = denoise(theta, d["z_s"], d["logsnr_s"], LABELS)
+    null = denoise(theta, d["z_s"], d["logsnr_s"], jnp.full_like(LABELS, NUM_CLASSES))
+    gap = denoise(phi, d["z_s"], d["logsnr_s"], LABELS) - (cond + GUIDANCE * (cond - null))
     coef = d["w"][:, None] * gap / (8 * D)
     return jax.tree_util.tree_map(lambda j: jnp.tensordot(coef, j, axes=2), jac)
 
@@ -116,19 +115,22 @@ def test_parameter_space_gradient_equals_alternating_gradient_with_instant_auxil
   model, theta = _model_and_params(0)
   denoise = steps.make_x_predictor(model, "v")
   eta = _perturb(theta, 1, scale=0.1)
+  # Unguided: with guidance the auxiliary (an unguided network) is not the instant auxiliary.
   config = _config(variant="parameter_space")
   sgd = optax.sgd(1.0)
   x = jax.random.normal(jax.random.PRNGKey(5), (16, D))
   xa, xb = x[:8], x[8:]
+  labels = jnp.concatenate([LABELS[::-1], LABELS])
   rng = jax.random.PRNGKey(6)
+  lam_rng = np.random.default_rng(0)
   lam = jax.tree_util.tree_map(
-      lambda p: jax.random.uniform(jax.random.PRNGKey(p.size), p.shape, minval=0.5, maxval=2.0),
-      theta)
+      lambda p: jnp.asarray(lam_rng.uniform(0.5, 2.0, p.shape), jnp.float32), theta)
 
   ps_step = jax.jit(steps.make_parameter_space_step(config=config, denoise=denoise,
-                                                    schedule=SCHEDULE, student_tx=sgd))
+                                                    schedule=SCHEDULE, student_tx=sgd,
+                                                    null_label=NUM_CLASSES))
   state = steps.init_distill_state(config=config, init_params=eta, student_tx=sgd)
-  ps_state, _ = ps_step(state, theta, {"x": x, "label": None}, rng, lam)
+  ps_state, _ = ps_step(state, theta, {"x": x, "label": labels}, rng, lam)
   ps_grad = _delta(eta, ps_state.params)
 
   # The instant auxiliary phi = theta - eps Lambda g_A, with g_A from the same half-A draws.
@@ -136,17 +138,17 @@ def test_parameter_space_gradient_equals_alternating_gradient_with_instant_auxil
   def grad_a(eta, theta):
     key_a, _ = steps.step_keys(rng, 0)
     d_a, _ = steps.draw(jax.random.split(key_a)[0], config=config, schedule=SCHEDULE,
-                        denoise=denoise, params=eta, x=xa, label=None)
+                        denoise=denoise, params=eta, x=xa, label=labels[:8])
     return steps.teacher_grad_on_samples(teacher_denoise=denoise, teacher_params=theta, d=d_a,
-                                         config=config)[0]
+                                         config=config, null_label=NUM_CLASSES)[0]
 
   g_a = grad_a(eta, theta)
   eps = 1e-2 / float(optax.tree.norm(g_a))
   phi = jax.tree_util.tree_map(lambda t, l, g: t - eps * l * g, theta, lam, g_a)
-  alt_step, alt_config, _ = _sgd_alternating_step()
+  alt_step, alt_config, _ = _sgd_alternating_step(0.0)
   alt_state = steps.init_distill_state(config=alt_config, init_params=eta, student_tx=sgd,
                                        aux_tx=sgd).replace(aux_params=phi)
-  alt_state, _ = alt_step(alt_state, theta, {"x": xb, "label": None}, rng)
+  alt_state, _ = alt_step(alt_state, theta, {"x": xb, "label": labels[8:]}, rng)
   alt_grad = jax.tree_util.tree_map(lambda g: g / eps, _delta(eta, alt_state.params))
 
   flat_ps = np.concatenate([np.ravel(g) for g in jax.tree_util.tree_leaves(ps_grad)])
@@ -162,9 +164,9 @@ def test_k1_student_sampler_returns_the_student_at_pure_noise():
   sampler = steps.make_student_sampler(config=_config(num_student_steps=1), denoise=denoise,
                                        schedule=SCHEDULE)
   rng = jax.random.PRNGKey(7)
-  got = sampler(params, rng, shape=(5, D))
-  z1 = jax.random.normal(jax.random.split(rng)[0], (5, D))
-  want = jax.jit(denoise)(params, z1, jnp.full((5,), SCHEDULE.logsnr(1.0)), None)
+  got = sampler(params, rng, shape=(8, D), label=LABELS)
+  z1 = jax.random.normal(jax.random.split(rng)[0], (8, D))
+  want = jax.jit(denoise)(params, z1, jnp.full((8,), SCHEDULE.logsnr(1.0)), LABELS)
   np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
@@ -190,7 +192,7 @@ def test_short_distillation_on_a_mixture_reduces_sliced_w2():
                               stds=[[0.2, 0.3], [0.3, 0.2]])
   teacher_params = gmm.gmm_params(mix)
   teacher = gmm.make_denoiser()
-  model, params = _model_and_params(0, hidden=48)
+  model, params = _model_and_params(0, hidden=48, num_classes=0)
   denoise = steps.make_x_predictor(model, "v")
   data_rng = np.random.default_rng(0)
 

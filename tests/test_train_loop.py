@@ -17,22 +17,6 @@ from mmd_jax.training import loop
 from tests import helpers
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  from mmd_jax.data import sources
-  d = tmp_path_factory.mktemp("tfds")
-  sources.ensure_digits_prepared(str(d))
-  return d
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_dir):
-  """One tiny run (6 steps, checkpoints at 3 and 6, final evaluation)."""
-  workdir = tmp_path_factory.mktemp("run")
-  out = loop.train_and_evaluate(helpers.tiny_digits_config(data_dir), str(workdir))
-  return workdir, out
-
-
 def test_run_writes_checkpoints_logs_samples_and_evaluation(trained):
   workdir, out = trained
   assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]

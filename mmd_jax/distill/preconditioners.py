@@ -59,8 +59,7 @@ def squared_grad_preconditioner(*, denoise: Callable, teacher_params, batch, rng
                              time_sampling=config.time_sampling)
     logsnr_s = mm.logsnr_of_u(u_s, schedule=schedule, spacing=config.spacing)
     z_s, _ = process.sample_z_t(rng=k_eps, x=xb, logsnr=logsnr_s)
-    w = mm.weight(weighting=config.weighting, logsnr=logsnr_s, bias=config.weighting_bias,
-                  teacher_weighting=config.teacher_weighting)
+    w = mm.config_weight(config, logsnr_s)
 
     def loss(theta):
       g = denoise(theta, z_s, logsnr_s, lb, train=False, rng=None)

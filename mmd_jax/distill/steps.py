@@ -3,11 +3,11 @@
 Use (config = the `distill` ConfigDict of moment_matching.default_config()):
 
     denoise = make_x_predictor(model, prediction)       # or models.gmm.make_denoiser()
-    tx = optim.make_optimizer(config.optim, total_steps=config.num_steps)
-    state = init_distill_state(config=config, init_params=teacher_ema_params, student_tx=tx,
-                               aux_tx=tx)
+    student_tx, aux_tx = make_optimizers(config)
+    state = init_distill_state(config=config, init_params=teacher_ema_params,
+                               student_tx=student_tx, aux_tx=aux_tx)
     step = jax.jit(make_distill_step(config=config, denoise=denoise, schedule=schedule,
-                                     student_tx=tx, aux_tx=tx, data_key="image",
+                                     student_tx=student_tx, aux_tx=aux_tx, data_key="image",
                                      null_label=num_classes))
     precond = preconditioners.squared_grad_preconditioner(...)   # parameter_space only
     state, metrics = step(state, teacher_params, batch, rng)            # alternating
@@ -60,6 +60,17 @@ class DistillState:
   aux_params: Any
   aux_opt_state: Any
   nu_ema: Any
+
+
+def make_optimizers(config):
+  """(student_tx, aux_tx) from config.optim over config.num_steps; the auxiliary's learning rate
+  is scaled by config.aux_lr_scale. aux_tx is None for the parameter-space variant."""
+  student_tx = optim.make_optimizer(config.optim, total_steps=int(config.num_steps))
+  if config.variant != "alternating":
+    return student_tx, None
+  aux_optim = config.optim.copy_and_resolve_references()
+  aux_optim.learning_rate = float(config.optim.learning_rate) * float(config.aux_lr_scale)
+  return student_tx, optim.make_optimizer(aux_optim, total_steps=int(config.num_steps))
 
 
 def _copy(tree):
@@ -128,8 +139,7 @@ def draw(key, *, config, schedule: Schedule, denoise: Denoise, params, x, label)
       lambda p: denoise(p, z_t, logsnr_t, label, train=True, rng=k_drop), params)
   z_s = mm.sample_z_s(rng=k_zs, z_t=z_t, x_tilde=x_tilde, logsnr_s=logsnr_s, logsnr_t=logsnr_t,
                       eta=float(config.eta), unconditional=bool(config.unconditional_zs))
-  w = mm.weight(weighting=config.weighting, logsnr=logsnr_s, bias=float(config.weighting_bias),
-                teacher_weighting=config.teacher_weighting)
+  w = mm.config_weight(config, logsnr_s)
   out = dict(x=x, label=label, z_t=z_t, logsnr_t=logsnr_t, logsnr_s=logsnr_s, x_tilde=x_tilde,
              z_s=z_s, w=w)
   return out, vjp_fn
@@ -181,9 +191,7 @@ def make_alternating_step(*, config, denoise: Denoise, schedule: Schedule,
       g_aux = denoise(phi, d["z_s"], d["logsnr_s"], d["label"], train=True, rng=k_drop)
       extra = {}
       if "data" in terms:
-        w_t = mm.weight(weighting=config.weighting, logsnr=d["logsnr_t"],
-                        bias=float(config.weighting_bias),
-                        teacher_weighting=config.teacher_weighting)
+        w_t = mm.config_weight(config, d["logsnr_t"])
         extra = dict(x_data=d["x"], w_data=w_t,
                      g_aux_data=denoise(phi, d["z_t"], d["logsnr_t"], d["label"], train=True,
                                         rng=k_data))

@@ -22,7 +22,12 @@ def build_model(model_config, *, data_shape, num_classes: int):
   raise ValueError(f"Unknown model.kind {kind!r}; choose one of {MODEL_KINDS}.")
 
 
-def logical_rules(model_config):
-  """Logical-axis -> mesh-axis rules for the model family (overridable by config later)."""
-  from mmd_jax.models import unet
-  return tuple(unet.default_logical_rules())
+def logical_rules(model_config, mesh_config=None):
+  """Logical-axis -> mesh-axis rules: the model family's defaults
+  (embeddings.default_logical_rules) updated by config.mesh.rules ('name=axis,...'), as
+  (name, tuple of mesh axes) pairs. An unknown logical name in config.mesh.rules is an error."""
+  del model_config  # UNet and MLP share one set of logical names
+  from mmd_jax.models import embeddings
+  from mmd_jax.parallel import sharding
+  spec = mesh_config.get("rules", "") if mesh_config is not None else ""
+  return tuple(sharding.parse_rules(spec, base=embeddings.default_logical_rules()).items())

@@ -23,6 +23,7 @@ from mmd_jax.diffusion.schedules import schedule_from_config
 from mmd_jax.evaluation import images as images_lib
 from mmd_jax.evaluation import pixel_metrics, sampling
 from mmd_jax.models import build as model_build
+from mmd_jax.parallel import distributed
 from mmd_jax.parallel import mesh as mesh_lib
 from mmd_jax.training import checkpoint as ckpt_lib
 from mmd_jax.training import logging_lib, optim, state as state_lib, steps
@@ -96,6 +97,8 @@ def evaluate(*, config, workdir, params, step: int, specs, sample_fn, reference,
         epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
         images_lib.save_png(images_lib.grid(x[order], rows=k if num_classes else 4), path,
                             scale=4 if x.shape[1] <= 16 else 1)
+        # One sample per class (the grid's first column), for side-by-side comparisons.
+        np.save(path[:-4] + "_row.npy", x[order[::per]] if num_classes else x[:per])
     logging.info("eval %s step %d: %s", tag, step,
                  {k: v for k, v in row.items() if k not in ("metric_kind",)})
   return rows
@@ -126,6 +129,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Returns {"state": final train state, "final_eval": list of result rows}.
   """
+  # ----- multi-host start-up (a no-op on one process or when main.py already did it) -----
+  distributed.initialize()
   # ----- config checks (before anything slow) -----
   config_lib.validate(config)
   config_dict = json.loads(config_lib.to_json(config))
@@ -154,8 +159,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   num_steps = int(config.training.num_steps)
   tx = optim.make_optimizer(config.optim, total_steps=num_steps)
   abstract = state_lib.abstract_state(model, tx, data_shape=data_shape, num_classes=num_classes)
-  rules = model_build.logical_rules(config.model)
-  shardings = state_lib.state_shardings(abstract, mesh=mesh, rules=rules)
+  rules = model_build.logical_rules(config.model, config.mesh)
+  shardings = state_lib.state_shardings(abstract, mesh=mesh, rules=rules, mesh_config=config.mesh)
   iterator = pipeline.make_train_iterator(
       config.data, global_batch_size=int(config.training.batch_size), seed=int(config.seed),
       shard_index=jax.process_index(), shard_count=jax.process_count())

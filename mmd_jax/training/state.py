@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mmd_jax.parallel import mesh as mesh_lib
+from mmd_jax.parallel import sharding as sharding_lib
 
 
 @flax.struct.dataclass
@@ -33,33 +33,48 @@ def dummy_inputs(*, data_shape, num_classes: int):
   return z, logsnr, label
 
 
-def init_params(model: nn.Module, *, rng, data_shape, num_classes: int):
-  """Boxed (logically annotated) parameters of `model`."""
+def init_params(model: nn.Module, *, rng, data_shape, num_classes: int, text_shape=None):
+  """Boxed (logically annotated) parameters of `model`; text_shape (tokens, width) for a model
+  conditioned on text-encoder embeddings (model(..., text=f32[B, tokens, width]))."""
   z, logsnr, label = dummy_inputs(data_shape=data_shape, num_classes=num_classes)
-  return model.init({"params": rng, "dropout": rng}, z, logsnr, label, train=False)["params"]
+  kw = {"text": jnp.zeros((1,) + tuple(text_shape), jnp.float32)} if text_shape else {}
+  return model.init({"params": rng, "dropout": rng}, z, logsnr, label, train=False,
+                    **kw)["params"]
 
 
-def _boxed_state(model, tx, rng, data_shape, num_classes):
-  params = init_params(model, rng=rng, data_shape=data_shape, num_classes=num_classes)
+def _boxed_state(model, tx, rng, data_shape, num_classes, text_shape=None):
+  params = init_params(model, rng=rng, data_shape=data_shape, num_classes=num_classes,
+                       text_shape=text_shape)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     ema_params=params, nonfinite_step=jnp.full((), -1, jnp.int32))
 
 
-def abstract_state(model, tx, *, data_shape, num_classes):
+def abstract_state(model, tx, *, data_shape, num_classes, text_shape=None):
   """The state's shapes with logical boxes, without allocating anything."""
-  return jax.eval_shape(lambda rng: _boxed_state(model, tx, rng, data_shape, num_classes),
-                        jax.random.PRNGKey(0))
+  return jax.eval_shape(
+      lambda rng: _boxed_state(model, tx, rng, data_shape, num_classes, text_shape),
+      jax.random.PRNGKey(0))
 
 
-def state_shardings(abstract_boxed, *, mesh, rules):
-  return mesh_lib.logical_shardings(abstract_boxed, mesh=mesh, rules=rules)
+def state_shardings(abstract_boxed, *, mesh, rules, mesh_config=None):
+  """NamedShardings of the state: logical rules (+ config.mesh overrides, regex fallback for
+  unannotated leaves, divisibility fallback); see mmd_jax.parallel.sharding."""
+  return sharding_lib.tree_shardings(abstract_boxed, mesh=mesh, model_rules=rules,
+                                     mesh_config=mesh_config)
+
+
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, *, rng, data_shape,
                        num_classes: int, shardings):
-  """Initialises the state directly into `shardings` (born sharded)."""
+  """Initialises the state directly into `shardings` (born sharded).
+
+  It runs once, and its per-parameter random initialisers compile several times faster at XLA
+  optimisation level 0, so it is compiled that way.
+  """
   init = jax.jit(lambda r: nn.unbox(_boxed_state(model, tx, r, data_shape, num_classes)),
-                 out_shardings=shardings)
+                 out_shardings=shardings, compiler_options=FAST_COMPILE)
   return init(rng)
 
 

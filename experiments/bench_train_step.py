@@ -1,0 +1,677 @@
+"""Benchmark of the training step, the distillation steps and the samplers on CPU.
+
+Command (from the repository root, system python with JAX):
+
+    python experiments/bench_train_step.py --out=/tmp/bench.json \
+        --torch_python=/opt/venv-bench/bin/python        # full run
+    python experiments/bench_train_step.py --quick       # fewer timed steps
+    python experiments/bench_train_step.py --env_sweep   # + XLA/glibc variants of the 32x32 step
+
+What it measures, for (a) configs/digits.py (its model and batch) and (b) a 32x32x3 UNet
+(channels 64,128, two residual blocks per level, attention at 16x16 + the middle block, 10
+classes, batch 32, eps-prediction with eps-MSE, about 4.1M parameters):
+
+- teacher: our real step (mmd_jax.training.steps.make_teacher_step, jitted with the loop's
+  shardings and state donation): compile time, step time (median of the timed steps after the
+  warm-up), CPU-seconds per step (time.process_time over each step: all threads of the
+  process), FLOPs from compiled.cost_analysis(), GFLOP/s, and the same for a jitted float32
+  2048x2048 matmul (2 n^3 flops) as the machine's practical peak in the same run;
+- peer: diffusers' UNet2DModel of the same shape trained the same way (bench_peer_torch.py, in
+  the interpreter of --torch_python, e.g. a venv with the `bench` extra); skipped with a printed
+  reason when torch/diffusers are not importable;
+- distill: each moment-matching step (alternating with update_schedule both / alternate,
+  parameter-space) next to the teacher step: time, CPU, FLOPs, and time ratio vs FLOP ratio;
+- sampling (digits): images/s of the k=8 student sampler vs the teacher's 256-step ancestral
+  sampler at batch 500;
+- profile (32x32): per-HLO-op thread time of two teacher steps from a jax.profiler trace,
+  grouped into conv forward / input-gradient / weight-gradient, dots, elementwise fusions, etc.
+
+The machine is shared (2 cores, load averages of 4-8 are common), so wall times are inflated
+by other processes; the CPU-seconds and the load average are printed next to every wall time.
+XLA_FLAGS and GLIBC_TUNABLES must be set before JAX starts, hence the late `import jax` and the
+re-exec for --hugetlb.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import json
+import os
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEER_SCRIPT = os.path.join(REPO, "experiments", "bench_peer_torch.py")
+HUGETLB = "glibc.malloc.hugetlb=1"
+# XLA:CPU sends convolutions to YNNPACK by default; its weight-gradient convolution (a
+# convolution whose window is the whole image) is ~3x slower than XLA's own (Eigen) kernel.
+NO_YNN_CONV = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+CONFIG_NAMES = ("digits", "cifar32")
+PARTS = ("teacher", "peer", "distill", "sampling", "profile")
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(description="Train-step / distillation / sampling benchmark.")
+  p.add_argument("--quick", action="store_true", help="fewer timed steps")
+  p.add_argument("--out", default="", help="write every number to this JSON file")
+  p.add_argument("--torch_python", default="",
+                 help="interpreter with torch+diffusers for the peer; default: this one if it "
+                      "can import both, else the peer is skipped")
+  p.add_argument("--configs", default=",".join(CONFIG_NAMES))
+  p.add_argument("--parts", default=",".join(PARTS))
+  p.add_argument("--steps", type=int, default=0, help="timed teacher steps (0: 8, quick 3)")
+  p.add_argument("--hugetlb", action="store_true",
+                 help=f"re-exec with GLIBC_TUNABLES={HUGETLB} (transparent huge pages for malloc)")
+  p.add_argument("--no_ynn_conv", action="store_true",
+                 help=f"add {NO_YNN_CONV} to XLA_FLAGS (XLA's own conv kernels)")
+  p.add_argument("--xla_flags", default="", help="appended to XLA_FLAGS")
+  p.add_argument("--env_sweep", action="store_true",
+                 help="also time the 32x32 teacher step in subprocesses under env variants")
+  p.add_argument("--sample_batch", type=int, default=500)
+  args = p.parse_args(argv)
+  for name in args.configs.split(","):
+    if name not in CONFIG_NAMES:
+      raise SystemExit(f"--configs: unknown {name!r}; choose from {CONFIG_NAMES}")
+  for name in args.parts.split(","):
+    if name not in PARTS:
+      raise SystemExit(f"--parts: unknown {name!r}; choose from {PARTS}")
+  return args
+
+
+def setup_env(args):
+  """Sets GLIBC_TUNABLES (by re-exec: glibc reads it at start-up) and XLA_FLAGS (before JAX)."""
+  tunables = os.environ.get("GLIBC_TUNABLES", "")
+  if args.hugetlb and HUGETLB not in tunables:
+    env = dict(os.environ, GLIBC_TUNABLES=":".join(t for t in (tunables, HUGETLB) if t))
+    os.execve(sys.executable, [sys.executable] + sys.argv, env)
+  flags = os.environ.get("XLA_FLAGS", "").split()
+  if args.no_ynn_conv:
+    flags.append(NO_YNN_CONV)
+  flags += args.xla_flags.split()
+  if flags:
+    os.environ["XLA_FLAGS"] = " ".join(flags)
+
+
+def load():
+  return list(os.getloadavg())
+
+
+def median(xs):
+  return float(statistics.median(xs)) if xs else float("nan")
+
+
+def measure(call, *, warmup: int, steps: int):
+  """Runs call() (which must block until its result is ready) warmup + steps times."""
+  for _ in range(warmup):
+    call()
+  walls, cpus, faults = [], [], []
+  load0 = load()
+  for _ in range(steps):
+    r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    c0, w0 = time.process_time(), time.perf_counter()
+    call()
+    walls.append(time.perf_counter() - w0)
+    cpus.append(time.process_time() - c0)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
+  return {"wall_s": median(walls), "wall_min_s": min(walls), "cpu_s": median(cpus),
+          "walls": walls, "cpus": cpus, "minor_faults": median(faults),
+          "loadavg_before": load0, "loadavg_after": load()}
+
+
+def flops_of(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", float("nan")))
+
+
+def temp_bytes(compiled) -> int:
+  try:
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+  except Exception:  # memory_analysis is optional per backend
+    return -1
+
+
+# ------------------------------------------------------------------------------------------------
+# Configs
+# ------------------------------------------------------------------------------------------------
+
+def make_config(name):
+  """(config, data_shape, num_classes): the digits config as shipped, or the 32x32 variant."""
+  from mmd_jax import config_lib
+  config = config_lib.load_config_file(os.path.join(REPO, "configs", "digits.py"))
+  if name == "digits":
+    from mmd_jax.data import pipeline
+    info = pipeline.dataset_info(config.data)
+    return config, tuple(info["data_shape"]), int(info["num_classes"])
+  config.model.update(base_channels=64, channel_mult=(1, 2), num_res_blocks=2,
+                      attn_resolutions=(16,), head_dim=64, dropout=0.1, prediction="eps",
+                      remat=False)
+  config.diffusion.update(loss_weighting="eps")
+  config.diffusion.schedule.update(resolution=32)
+  config.training.update(batch_size=32)
+  config.distill.update(batch_size=32)
+  return config, (32, 32, 3), 10
+
+
+def synthetic_batch(rng_seed, *, batch, data_shape, num_classes):
+  import numpy as np
+  r = np.random.default_rng(rng_seed)
+  return {"image": r.uniform(-1, 1, (batch,) + tuple(data_shape)).astype(np.float32),
+          "label": r.integers(0, num_classes, (batch,)).astype(np.int32)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Parts
+# ------------------------------------------------------------------------------------------------
+
+def matmul_peak(*, n=2048, steps=5):
+  import jax
+  import jax.numpy as jnp
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+  f = jax.jit(lambda a, b: a @ b)
+  m = measure(lambda: f(a, b).block_until_ready(), warmup=2, steps=steps)
+  flops = 2.0 * n ** 3
+  return {"n": n, "flops": flops, **m, "gflops_wall": flops / m["wall_s"] / 1e9,
+          "gflops_wall_best": flops / m["wall_min_s"] / 1e9,
+          "gflop_per_cpu_s": flops / m["cpu_s"] / 1e9}
+
+
+def teacher_bench(name, *, steps: int, warmup: int = 2):
+  """Our teacher step exactly as training.loop builds it, on a synthetic batch."""
+  import jax
+  import numpy as np
+  from mmd_jax.diffusion.schedules import schedule_from_config
+  from mmd_jax.models import build as model_build
+  from mmd_jax.parallel import mesh as mesh_lib
+  from mmd_jax.training import optim, state as state_lib, steps as steps_lib
+
+  config, data_shape, num_classes = make_config(name)
+  model = model_build.build_model(config.model, data_shape=data_shape, num_classes=num_classes)
+  schedule = schedule_from_config(config.diffusion.schedule)
+  tx = optim.make_optimizer(config.optim, total_steps=int(config.training.num_steps))
+  mesh = mesh_lib.make_mesh(config.mesh)
+  abstract = state_lib.abstract_state(model, tx, data_shape=data_shape, num_classes=num_classes)
+  rules = model_build.logical_rules(config.model, config.mesh)
+  shardings = state_lib.state_shardings(abstract, mesh=mesh, rules=rules,
+                                        mesh_config=config.mesh)
+  state = state_lib.create_train_state(model, tx, rng=jax.random.PRNGKey(0),
+                                       data_shape=data_shape, num_classes=num_classes,
+                                       shardings=shardings)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
+  step_fn = steps_lib.make_teacher_step(
+      model=model, tx=tx, schedule=schedule, prediction=config.model.prediction,
+      loss_weighting=config.diffusion.loss_weighting,
+      sigmoid_bias=float(config.diffusion.sigmoid_bias), num_classes=num_classes,
+      cond_drop_prob=float(config.diffusion.cond_drop_prob),
+      ema_decay=float(config.optim.ema_decay), data_key="image")
+  batch_size = int(config.training.batch_size)
+  batch = mesh_lib.global_batch(synthetic_batch(0, batch=batch_size, data_shape=data_shape,
+                                                num_classes=num_classes), mesh=mesh)
+  rng = jax.random.PRNGKey(1)
+  jitted = jax.jit(step_fn, in_shardings=(shardings, mesh_lib.batch_sharding(mesh),
+                                          mesh_lib.replicated(mesh)),
+                   out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
+  c0, t0 = time.process_time(), time.perf_counter()
+  compiled = jitted.lower(state, batch, rng).compile()
+  compile_s, compile_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+  holder = {"state": state}
+
+  def call():
+    holder["state"], metrics = compiled(holder["state"], batch, rng)
+    jax.block_until_ready(metrics)
+
+  m = measure(call, warmup=warmup, steps=steps)
+  flops = flops_of(compiled)
+  result = {"config": name, "batch": batch_size, "data_shape": list(data_shape),
+            "params": n_params, "compile_s": compile_s, "compile_cpu_s": compile_cpu_s,
+            "flops": flops, "temp_bytes": temp_bytes(compiled), **m,
+            "gflops_wall": flops / m["wall_s"] / 1e9,
+            "gflop_per_cpu_s": flops / m["cpu_s"] / 1e9}
+  ctx = dict(config=config, model=model, schedule=schedule, data_shape=data_shape,
+             num_classes=num_classes, mesh=mesh, compiled=compiled, call=call,
+             params=holder["state"].params, holder=holder)
+  return result, ctx
+
+
+def distill_bench(ctx, *, variant: str, update_schedule: str, steps: int):
+  """One moment-matching step of `variant`, jitted with state donation like distill.loop."""
+  import jax
+  import jax.numpy as jnp
+  from mmd_jax.distill import steps as distill_steps
+  from mmd_jax.parallel import mesh as mesh_lib
+
+  config = ctx["config"]
+  dcfg = config.distill.copy_and_resolve_references()
+  dcfg.update(variant=variant, update_schedule=update_schedule)
+  student_tx, aux_tx = distill_steps.make_optimizers(dcfg)
+  teacher_params = ctx["holder"]["state"].params
+  state = jax.jit(lambda p: distill_steps.init_distill_state(
+      config=dcfg, init_params=p, student_tx=student_tx, aux_tx=aux_tx))(teacher_params)
+  denoise = distill_steps.make_x_predictor(ctx["model"], config.model.prediction)
+  step_fn = distill_steps.make_distill_step(
+      config=dcfg, denoise=denoise, schedule=ctx["schedule"], student_tx=student_tx,
+      aux_tx=aux_tx, data_key="image", null_label=ctx["num_classes"])
+  batch_size = int(dcfg.batch_size)
+  batch = mesh_lib.global_batch(
+      synthetic_batch(1, batch=batch_size, data_shape=ctx["data_shape"],
+                      num_classes=ctx["num_classes"]), mesh=ctx["mesh"])
+  rng = jax.random.PRNGKey(2)
+  extra = ()
+  if variant == "parameter_space":
+    # Stands in for the squared-gradient preconditioner (a teacher-shaped tree, computed once).
+    extra = (jax.tree_util.tree_map(jnp.ones_like, teacher_params),)
+  jitted = jax.jit(step_fn, donate_argnums=(0,))
+  c0, t0 = time.process_time(), time.perf_counter()
+  compiled = jitted.lower(state, teacher_params, batch, rng, *extra).compile()
+  compile_s, compile_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+  holder = {"state": state}
+
+  def call():
+    holder["state"], metrics = compiled(holder["state"], teacher_params, batch, rng, *extra)
+    jax.block_until_ready(metrics)
+
+  alternate = variant == "alternating" and update_schedule == "alternate"
+  n = steps + (steps % 2 if alternate else 0)
+  m = measure(call, warmup=2, steps=n)  # warm-up 2 keeps the timed steps starting on an even one
+  flops = flops_of(compiled)
+  name = variant if variant != "alternating" else f"alternating/{update_schedule}"
+  r = {"name": name, "batch": batch_size, "compile_s": compile_s, "compile_cpu_s": compile_cpu_s,
+       "flops": flops, "temp_bytes": temp_bytes(compiled), **m}
+  if alternate:
+    even, odd = m["walls"][0::2], m["walls"][1::2]  # even: auxiliary update, odd: student
+    even_c, odd_c = m["cpus"][0::2], m["cpus"][1::2]
+    r.update(aux_step_wall_s=median(even), student_step_wall_s=median(odd),
+             aux_step_cpu_s=median(even_c), student_step_cpu_s=median(odd_c),
+             wall_s=(median(even) + median(odd)) / 2, cpu_s=(median(even_c) + median(odd_c)) / 2,
+             flops_note="cost_analysis of a lax.cond counts its costlier branch")
+  return r
+
+
+def sampling_bench(ctx, *, batch: int, quick: bool):
+  """images/s of the k-step student sampler and the teacher's 256-step ancestral sampler."""
+  import jax
+  import jax.numpy as jnp
+  from mmd_jax.distill import steps as distill_steps
+  from mmd_jax.evaluation import sampling
+
+  config = ctx["config"]
+  params = ctx["holder"]["state"].ema_params
+  labels = jnp.asarray(sampling.class_labels(batch, ctx["num_classes"]))
+  rng = jax.random.PRNGKey(3)
+  clip = config.diffusion.get("clip_x")
+  denoise = distill_steps.make_x_predictor(ctx["model"], config.model.prediction)
+  k = int(config.distill.num_student_steps)
+  student = jax.jit(distill_steps.make_student_sampler(
+      config=config.distill, denoise=denoise, schedule=ctx["schedule"], clip=clip),
+      static_argnames="shape")
+  teacher = sampling.make_sample_fn(ctx["model"], prediction=config.model.prediction,
+                                    schedule=ctx["schedule"], num_classes=ctx["num_classes"],
+                                    data_shape=ctx["data_shape"], clip=clip)
+  shape = (batch,) + tuple(ctx["data_shape"])
+  out = {"batch": batch}
+  runs = [("student", k, lambda: student.lower(params, rng, shape=shape, label=labels)),
+          ("teacher", 256, lambda: teacher.lower(params, rng, labels, sampler="ancestral",
+                                                 num_steps=256, guidance=0.0))]
+  if quick:  # the 256-step sampler is a scan: time 32 steps and scale by 8
+    runs[1] = ("teacher", 32, lambda: teacher.lower(params, rng, labels, sampler="ancestral",
+                                                    num_steps=32, guidance=0.0))
+  for who, nsteps, lower in runs:
+    t0 = time.perf_counter()
+    compiled = lower().compile()
+    compile_s = time.perf_counter() - t0
+    args = (params, rng) if who == "student" else (params, rng, labels)
+    kwargs = {"label": labels} if who == "student" else {}
+    call = lambda: jax.block_until_ready(compiled(*args, **kwargs))
+    m = measure(call, warmup=1, steps=3 if who == "student" else 1)
+    scale = 256 / nsteps if who == "teacher" else 1.0
+    wall, cpu = m["wall_s"] * scale, m["cpu_s"] * scale
+    out[who] = {"num_steps": 256 if who == "teacher" else nsteps, "timed_num_steps": nsteps,
+                "compile_s": compile_s, "wall_s": wall, "cpu_s": cpu,
+                "images_per_s": batch / wall, "images_per_cpu_s": batch / cpu,
+                # lax.scan: cost_analysis counts the body once
+                "flops": flops_of(compiled) * nsteps * scale,
+                "loadavg": m["loadavg_after"], "raw": m}
+  out["speedup_wall"] = out["student"]["images_per_s"] / out["teacher"]["images_per_s"]
+  out["speedup_cpu"] = out["student"]["images_per_cpu_s"] / out["teacher"]["images_per_cpu_s"]
+  return out
+
+
+def _hlo_categories(hlo_text: str) -> dict:
+  """instruction name -> category, from the optimized HLO text of the compiled step."""
+  comps, current = {}, None
+  for line in hlo_text.splitlines():
+    head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\) -> .* \{$", line)
+    if head:
+      current = head.group(1)
+      comps[current] = []
+      continue
+    if current is not None and "=" in line:
+      comps[current].append(line)
+  op_of = lambda line: (re.search(r"=\s*\S+(?:\{[^}]*\})?\s+([\w\-]+)\(", line) or
+                        re.search(r"=\s*\([^=]*\)\s+([\w\-]+)\(", line))
+
+  def conv_kind(line):
+    window = re.search(r"window=\{size=(\d+)x(\d+)", line)
+    backward = "transpose(jvp" in line
+    if window and int(window.group(1)) * int(window.group(2)) > 9:
+      return "conv weight-grad"
+    return "conv input-grad" if backward else "conv forward"
+
+  cats = {}
+  for comp, lines in comps.items():
+    for line in lines:
+      name = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=", line)
+      op = op_of(line)
+      if not name or not op:
+        continue
+      name, op = name.group(1), op.group(1)
+      cat = op
+      if op == "convolution":
+        cat = conv_kind(line)
+      elif op == "fusion":
+        called = re.search(r"calls=%?([\w.\-]+)", line)
+        body = "\n".join(comps.get(called.group(1), [])) if called else ""
+        if " convolution(" in body:
+          conv_line = next(l for l in comps[called.group(1)] if " convolution(" in l)
+          cat = conv_kind(conv_line + line)
+        elif " dot(" in body:
+          cat = "dot (matmul) fusion"
+        elif " reduce(" in body or " reduce-window(" in body:
+          cat = "reduce fusion"
+        elif all((" transpose(" in l or " copy(" in l or " parameter(" in l or
+                  " bitcast(" in l) for l in comps.get(called.group(1), [])) and body:
+          cat = "transpose/copy"
+        else:
+          cat = "elementwise fusion"
+      elif op in ("dot", "custom-call"):
+        cat = "dot (matmul) fusion" if op == "dot" else op
+      elif op in ("copy", "transpose"):
+        cat = "transpose/copy"
+      cats[name] = cat
+  return cats
+
+
+def profile_bench(ctx, *, steps: int = 2):
+  """Per-op thread time of `steps` teacher steps, grouped by category (jax.profiler trace)."""
+  import jax
+  cats = _hlo_categories(ctx["compiled"].as_text())
+  tmp = tempfile.mkdtemp(prefix="bench_trace_")
+  try:
+    ctx["call"]()
+    jax.profiler.start_trace(tmp)
+    c0, w0 = time.process_time(), time.perf_counter()
+    for _ in range(steps):
+      ctx["call"]()
+    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    jax.profiler.stop_trace()
+    paths = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
+    if not paths:
+      return {"error": "no trace written"}
+    data = jax.profiler.ProfileData.from_file(paths[-1])
+  finally:
+    pass
+  by_op, by_cat = {}, {}
+  for plane in data.planes:
+    if plane.name != "/host:CPU":
+      continue
+    for line in plane.lines:
+      for ev in line.events:
+        stats = dict(ev.stats)
+        op = stats.get("hlo_op")
+        if op is None or stats.get("hlo_module", "").find("step") < 0:
+          continue
+        dur = ev.duration_ns * 1e-9 / steps
+        by_op[op] = by_op.get(op, 0.0) + dur
+        cat = cats.get(op, "other")
+        by_cat[cat] = by_cat.get(cat, 0.0) + dur
+  shutil.rmtree(tmp, ignore_errors=True)
+  total = sum(by_cat.values())
+  top = sorted(by_op.items(), key=lambda kv: -kv[1])[:40]
+  return {"steps": steps, "wall_per_step_s": wall / steps, "cpu_per_step_s": cpu / steps,
+          "op_thread_s_per_step": total,
+          "by_category_s": dict(sorted(by_cat.items(), key=lambda kv: -kv[1])),
+          "top_ops": [{"op": k, "category": cats.get(k, "other"), "s": v} for k, v in top]}
+
+
+def peer_bench(args, *, steps: int):
+  """Runs bench_peer_torch.py in --torch_python (or this interpreter); never raises."""
+  py = args.torch_python
+  if not py:
+    missing = [m for m in ("torch", "diffusers") if importlib.util.find_spec(m) is None]
+    if missing:
+      return {"skipped": True, "reason": f"{' and '.join(missing)} not importable in "
+              f"{sys.executable} and no --torch_python given (install the peer with: python -m "
+              "venv --system-site-packages /opt/venv-bench && /opt/venv-bench/bin/pip install "
+              "torch==2.13.0 diffusers; then pass --torch_python=/opt/venv-bench/bin/python)"}
+    py = sys.executable
+  if not os.path.exists(py):
+    return {"skipped": True, "reason": f"--torch_python={py} does not exist"}
+  cmd = [py, PEER_SCRIPT, f"--steps={steps}", "--warmup=2"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+  if proc.returncode != 0:
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"skipped": True, "reason": f"{' '.join(cmd)} failed (exit {proc.returncode}): "
+            + " | ".join(tail)}
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  result.update(skipped=False, python=py)
+  return result
+
+
+def env_sweep(args, *, steps: int):
+  """The 32x32 teacher step in fresh processes under XLA-flag / glibc variants."""
+  variants = [("baseline", []), ("hugetlb", ["--hugetlb"]), ("no_ynn_conv", ["--no_ynn_conv"]),
+              ("hugetlb+no_ynn_conv", ["--hugetlb", "--no_ynn_conv"])]
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}
+  rows = []
+  for name, extra in variants:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+      out = f.name
+    cmd = [sys.executable, os.path.abspath(__file__), "--configs=cifar32", "--parts=teacher",
+           f"--steps={steps}", f"--out={out}"] + extra
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    if proc.returncode != 0:
+      rows.append({"variant": name, "error": proc.stderr.strip().splitlines()[-1:]})
+      continue
+    with open(out) as f:
+      r = json.load(f)["teacher"]["cifar32"]
+    os.unlink(out)
+    rows.append({"variant": name, **{k: r[k] for k in (
+        "compile_s", "wall_s", "wall_min_s", "cpu_s", "minor_faults", "flops",
+        "loadavg_after")}})
+    print(f"  env sweep {name}: wall {r['wall_s']:.2f} s, cpu {r['cpu_s']:.2f} s, "
+          f"faults {r['minor_faults']:.0f}, load {r['loadavg_after'][0]:.1f}", flush=True)
+  return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# Tables
+# ------------------------------------------------------------------------------------------------
+
+def table(headers, rows):
+  cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+  widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+  fmt = lambda r: "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |"
+  return "\n".join([fmt(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+                   + [fmt(r) for r in cells[1:]])
+
+
+def g(x, d=2):
+  return "-" if x is None or x != x else f"{x:.{d}f}"
+
+
+def report(res):
+  lines = []
+  env = res["env"]
+  lines.append(f"XLA_FLAGS={env['XLA_FLAGS']!r} GLIBC_TUNABLES={env['GLIBC_TUNABLES']!r} "
+               f"cores={env['cpu_count']} jax={env['jax']}")
+  mm = res.get("matmul")
+  if mm:
+    lines.append(f"\nfloat32 matmul {mm['n']}^3 (peak): {g(mm['wall_s'] * 1e3, 1)} ms wall "
+                 f"-> {g(mm['gflops_wall'], 1)} GFLOP/s (best step {g(mm['gflops_wall_best'], 1)}),"
+                 f" {g(mm['gflop_per_cpu_s'], 1)} GFLOP per CPU-s; load "
+                 f"{mm['loadavg_after'][0]:.1f}")
+  if res.get("teacher"):
+    rows = []
+    peer = res.get("peer") or {}
+    for name, t in res["teacher"].items():
+      rows.append([name, f"{t['params'] / 1e6:.2f}M", t["batch"], g(t["compile_s"], 1),
+                   g(t["wall_s"], 3), g(t["wall_min_s"], 3), g(t["cpu_s"], 3),
+                   g(t["flops"] / 1e9, 1), g(t["gflops_wall"], 1), g(t["gflop_per_cpu_s"], 1),
+                   g(100 * t["gflop_per_cpu_s"] / mm["gflop_per_cpu_s"], 0) + "%" if mm else "-",
+                   f"{t['minor_faults']:.0f}", f"{t['loadavg_after'][0]:.1f}"])
+    if peer and not peer.get("skipped"):
+      fl = peer["flops_per_step"]
+      rows.append(["peer torch", f"{peer['params'] / 1e6:.2f}M", peer["batch"], "-",
+                   g(peer["step_wall_s"], 3), g(min(peer["step_walls"]), 3),
+                   g(peer["step_cpu_s"], 3), g(fl / 1e9, 1), g(fl / peer["step_wall_s"] / 1e9, 1),
+                   g(fl / peer["step_cpu_s"] / 1e9, 1),
+                   g(100 * fl / peer["step_cpu_s"] / 1e9 / mm["gflop_per_cpu_s"], 0) + "%"
+                   if mm else "-", f"{peer['minor_faults_per_step']:.0f}",
+                   f"{peer['loadavg'][0]:.1f}"])
+    lines.append("\nTeacher train step (median of timed steps; cpu = process CPU-seconds/step):")
+    lines.append(table(["config", "params", "batch", "compile s", "step s", "best s", "cpu s",
+                        "GFLOP", "GFLOP/s", "GFLOP/cpu-s", "of matmul/cpu-s", "faults",
+                        "load"], rows))
+    if peer.get("skipped"):
+      lines.append(f"PEER SKIPPED: {peer['reason']}")
+    elif peer and "cifar32" in res["teacher"]:
+      t = res["teacher"]["cifar32"]
+      lines.append(
+          f"ours/peer (32x32, batch 32): wall {t['wall_s'] / peer['step_wall_s']:.2f}, best-step "
+          f"wall {t['wall_min_s'] / min(peer['step_walls']):.2f}, cpu "
+          f"{t['cpu_s'] / peer['step_cpu_s']:.2f}; FLOPs ours/peer "
+          f"{t['flops'] / peer['flops_per_step']:.2f} (peer: torch {peer['torch']}, diffusers "
+          f"{peer['diffusers']}, {peer['threads']} threads; FLOPs by torch's flop counter)")
+  if res.get("distill"):
+    lines.append("\nDistillation step vs teacher step (same config and batch):")
+    for name, rows_in in res["distill"].items():
+      t = res["teacher"][name]
+      rows = [["teacher", t["batch"], g(t["compile_s"], 1), g(t["wall_s"], 3), g(t["cpu_s"], 3),
+               g(t["flops"] / 1e9, 1), "1.00", "1.00", "1.00", f"{t['loadavg_after'][0]:.1f}"]]
+      for d in rows_in:
+        rows.append([d["name"], d["batch"], g(d["compile_s"], 1), g(d["wall_s"], 3),
+                     g(d["cpu_s"], 3), g(d["flops"] / 1e9, 1), g(d["wall_s"] / t["wall_s"]),
+                     g(d["cpu_s"] / t["cpu_s"]), g(d["flops"] / t["flops"]),
+                     f"{d['loadavg_after'][0]:.1f}"])
+      lines.append(f"[{name}]")
+      lines.append(table(["step", "batch", "compile s", "step s", "cpu s", "GFLOP",
+                          "time/teacher", "cpu/teacher", "FLOP/teacher", "load"], rows))
+      for d in rows_in:
+        if "aux_step_wall_s" in d:
+          lines.append(f"  {d['name']}: aux-update steps {g(d['aux_step_wall_s'], 3)} s "
+                       f"(cpu {g(d['aux_step_cpu_s'], 3)}), student-update steps "
+                       f"{g(d['student_step_wall_s'], 3)} s (cpu {g(d['student_step_cpu_s'], 3)});"
+                       " its GFLOP is the costlier branch (XLA's cost of a lax.cond)")
+  s = res.get("sampling")
+  if s:
+    rows = []
+    for who in ("student", "teacher"):
+      r = s[who]
+      rows.append([f"{who} ({'k' if who == 'student' else 'ancestral'}={r['num_steps']})",
+                   s["batch"], g(r["compile_s"], 1), g(r["wall_s"], 2), g(r["cpu_s"], 2),
+                   g(r["images_per_s"], 1), g(r["images_per_cpu_s"], 1), g(r["flops"] / 1e9, 0),
+                   f"{r['loadavg'][0]:.1f}"])
+    lines.append("\nSampling at the digits shape:")
+    lines.append(table(["sampler", "batch", "compile s", "wall s", "cpu s", "img/s",
+                        "img/cpu-s", "GFLOP", "load"], rows))
+    note = " (teacher timed at 32 steps, scaled x8)" if s["teacher"]["timed_num_steps"] != 256 \
+        else ""
+    lines.append(f"student/teacher throughput: {g(s['speedup_wall'], 1)}x wall, "
+                 f"{g(s['speedup_cpu'], 1)}x CPU{note}")
+  p = res.get("profile")
+  if p and "by_category_s" in p:
+    tot = p["op_thread_s_per_step"]
+    lines.append(f"\nWhere the 32x32 teacher step's time goes (thread-seconds per step inside "
+                 f"XLA ops, from a jax.profiler trace of {p['steps']} steps; step wall "
+                 f"{g(p['wall_per_step_s'], 2)} s, cpu {g(p['cpu_per_step_s'], 2)} s):")
+    lines.append(table(["category", "s/step", "share"],
+                       [[k, g(v, 3), f"{100 * v / tot:.0f}%"] for k, v in
+                        p["by_category_s"].items()] + [["total", g(tot, 3), "100%"]]))
+    lines.append("top ops: " + ", ".join(f"{o['op']} [{o['category']}] {o['s']:.3f}s"
+                                         for o in p["top_ops"][:8]))
+  sweep = res.get("env_sweep")
+  if sweep:
+    rows = [[r["variant"], g(r.get("compile_s"), 1), g(r.get("wall_s"), 3),
+             g(r.get("wall_min_s"), 3), g(r.get("cpu_s"), 3),
+             f"{r.get('minor_faults', float('nan')):.0f}",
+             f"{r['loadavg_after'][0]:.1f}" if "loadavg_after" in r else "-"]
+            for r in sweep]
+    lines.append("\n32x32 teacher step under environment variants (fresh process each):")
+    lines.append(table(["variant", "compile s", "step s", "best s", "cpu s", "faults", "load"],
+                       rows))
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  setup_env(args)
+  sys.path.insert(0, REPO)
+  import jax
+
+  configs = args.configs.split(",")
+  parts = args.parts.split(",")
+  steps = args.steps or (3 if args.quick else 8)
+  dsteps = 2 if args.quick else 4
+  res = {"args": vars(args), "loadavg_start": load(),
+         "env": {"XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+                 "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", ""),
+                 "cpu_count": os.cpu_count(), "jax": jax.__version__,
+                 "device": str(jax.devices()[0])}}
+  t_start, c_start = time.perf_counter(), time.process_time()
+  print(f"load average at start: {res['loadavg_start']}", flush=True)
+  res["matmul"] = matmul_peak(steps=3 if args.quick else 5)
+  print(f"matmul: {res['matmul']['gflops_wall']:.1f} GFLOP/s", flush=True)
+  res["teacher"], res["distill"] = {}, {}
+  for name in configs:
+    if not ({"teacher", "distill", "sampling", "profile"} & set(parts)):
+      break
+    r, ctx = teacher_bench(name, steps=steps)
+    res["teacher"][name] = r
+    print(f"teacher {name}: compile {r['compile_s']:.1f} s, step {r['wall_s']:.3f} s, "
+          f"cpu {r['cpu_s']:.3f} s, {r['flops'] / 1e9:.1f} GFLOP", flush=True)
+    if name == "cifar32" and "profile" in parts:
+      res["profile"] = profile_bench(ctx)
+    if name == "cifar32" and "peer" in parts:
+      res["peer"] = peer_bench(args, steps=steps)
+      print("peer: " + (f"SKIPPED ({res['peer']['reason']})" if res["peer"]["skipped"] else
+                        f"{res['peer']['step_wall_s']:.3f} s/step"), flush=True)
+    if "distill" in parts:
+      res["distill"][name] = []
+      for variant, sched in (("alternating", "both"), ("alternating", "alternate"),
+                             ("parameter_space", "both")):
+        d = distill_bench(ctx, variant=variant, update_schedule=sched, steps=dsteps)
+        res["distill"][name].append(d)
+        print(f"distill {name} {d['name']}: step {d['wall_s']:.3f} s, cpu {d['cpu_s']:.3f} s",
+              flush=True)
+    if name == "digits" and "sampling" in parts:
+      res["sampling"] = sampling_bench(ctx, batch=args.sample_batch, quick=args.quick)
+    del ctx
+  if "peer" in parts and "cifar32" not in configs:
+    res["peer"] = {"skipped": True, "reason": "the peer is only run with --configs=cifar32"}
+  if args.env_sweep:
+    res["env_sweep"] = env_sweep(args, steps=steps)
+  res["total_wall_s"] = time.perf_counter() - t_start
+  res["total_cpu_s"] = time.process_time() - c_start  # this process only (not subprocesses)
+  res["loadavg_end"] = load()
+  print()
+  print(report(res))
+  print(f"\ntotal: {res['total_wall_s']:.0f} s wall, {res['total_cpu_s']:.0f} CPU-s (this "
+        f"process); load average start {res['loadavg_start']}, end {res['loadavg_end']}")
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(res, f, indent=1)
+    print(f"wrote {args.out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,108 @@
+"""Loading a trained teacher for distillation: its checkpoint, architecture check and fingerprint.
+
+The teacher is named by a work directory (its latest checkpoint) or by one Orbax step directory
+(`.../checkpoints/<step>`). Its architecture comes from the config saved beside its parameters and
+must equal the distillation config's model section. The teacher is never written into the
+student's checkpoints; its path, step and a fingerprint are recorded instead.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mmd_jax.training import checkpoint as ckpt_lib
+from mmd_jax.training import optim, state as state_lib
+
+
+class TeacherError(ValueError):
+  """A teacher checkpoint that is missing or does not fit the distillation config."""
+
+
+@dataclasses.dataclass
+class Teacher:
+  params: Any            # EMA parameters (unboxed)
+  opt_state: Any         # the teacher's optimizer state (Adam second moments for Lambda)
+  config: ml_collections.ConfigDict  # the teacher's own saved config
+  path: str
+  step: int
+  fingerprint: str
+  param_shardings: Any = None   # NamedShardings of params (reused for the student)
+  abstract_params: Any = None   # boxed abstract params (logical names, for derived states)
+
+
+def _locate(path: str) -> tuple[str, int | None]:
+  """(work directory, step or None for latest) from a work directory or a step directory."""
+  path = path.rstrip("/")
+  m = re.match(r"^(.*)/checkpoints/(\d+)$", path)
+  if m:
+    return m.group(1), int(m.group(2))
+  return path, None
+
+
+def fingerprint(params) -> str:
+  """A short hash of the parameters' structure, shapes and float64 sums / sums of squares,
+  computed on device (no host copy of the weights)."""
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  sums = jax.device_get([(jnp.sum(x.astype(jnp.float32)), jnp.sum(jnp.square(x.astype(
+      jnp.float32)))) for x in leaves])
+  h = hashlib.sha256(str(treedef).encode())
+  for x, (s, q) in zip(leaves, sums):
+    h.update(f"{x.shape}{x.dtype}{np.float64(s):.9e}{np.float64(q):.9e}".encode())
+  return h.hexdigest()[:16]
+
+
+def model_mismatch(teacher_model: dict, model: dict) -> list[str]:
+  ignore = ("dropout", "remat", "dtype")
+  keys = sorted(set(teacher_model) | set(model))
+  norm = lambda v: list(v) if isinstance(v, tuple) else v
+  return [f"model.{k}: teacher has {norm(teacher_model.get(k))!r}, config has "
+          f"{norm(model.get(k))!r}" for k in keys
+          if k not in ignore and norm(teacher_model.get(k)) != norm(model.get(k))]
+
+
+def load_teacher(path: str, *, config, data_shape, num_classes: int, mesh, rules) -> Teacher:
+  """Restores the teacher's EMA parameters and optimizer state onto `mesh`.
+
+  Raises TeacherError if there is no checkpoint or its architecture differs from config.model.
+  """
+  from mmd_jax.models import build as model_build
+  if not path:
+    raise TeacherError("No teacher given: set --config.distill.teacher=WORKDIR (a teacher work "
+                       "directory) or WORKDIR/checkpoints/STEP.")
+  workdir, step = _locate(path)
+  if "://" not in workdir and not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise TeacherError(f"No teacher checkpoints under {workdir!r}: train the teacher first "
+                       f"(python -m mmd_jax.main --mode=train --workdir={workdir} ...).")
+  ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise TeacherError(f"{workdir}/checkpoints holds no finished checkpoint; train the teacher "
+                       "first.")
+  saved = ml_collections.ConfigDict(ckpt.saved_config(step))
+  diffs = model_mismatch(saved.model.to_dict(), config.model.to_dict())
+  if saved.data.name != config.data.name:
+    diffs.append(f"data.name: teacher has {saved.data.name!r}, config has {config.data.name!r}")
+  if diffs:
+    raise TeacherError(
+        f"The teacher at {workdir}/checkpoints/{step} does not match the distillation config:\n  "
+        + "\n  ".join(diffs) + "\nSet the config's model section to the teacher's "
+        "(the student has the teacher's architecture), or point distill.teacher elsewhere.")
+  model = model_build.build_model(saved.model, data_shape=data_shape, num_classes=num_classes)
+  tx = optim.make_optimizer(saved.optim, total_steps=int(saved.training.num_steps))
+  abstract = state_lib.abstract_state(model, tx, data_shape=data_shape, num_classes=num_classes)
+  shardings = state_lib.state_shardings(abstract, mesh=mesh, rules=rules,
+                                        mesh_config=config.mesh)
+  state, _ = ckpt.restore(step, abstract_state=ckpt_lib.abstract_with_shardings(
+      state_lib.unboxed(abstract), shardings))
+  ckpt.close()
+  return Teacher(params=state.ema_params, opt_state=state.opt_state, config=saved, path=workdir,
+                 step=int(step), fingerprint=fingerprint(state.ema_params),
+                 param_shardings=shardings.ema_params, abstract_params=abstract.ema_params)
