@@ -17,7 +17,8 @@ setup(
     packages=find_packages(include=["mmd_jax", "mmd_jax.*"]),
     install_requires=REQUIREMENTS,
     extras_require={
-        "test": ["pytest>=9.0.3"],
+        # libtpu (through jax[tpu]) lets the tests compile ahead of time for a TPU topology on CPU.
+        "test": ["pytest>=9.0.3", "jax[tpu]>=0.10.2"],
         # Pod slices, and ahead-of-time compilation for TPU topologies on a CPU machine.
         "tpu": ["jax[tpu]>=0.10.2"],
         "gpu": ["jax[cuda12]>=0.10.2"],

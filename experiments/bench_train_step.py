@@ -71,11 +71,22 @@ def parse_args(argv):
                  help=f"re-exec with GLIBC_TUNABLES={HUGETLB} (transparent huge pages for malloc)")
   p.add_argument("--no_ynn_conv", action="store_true",
                  help=f"add {NO_YNN_CONV} to XLA_FLAGS (XLA's own conv kernels)")
+  p.add_argument("--threefry_unpartitionable", action="store_true",
+                 help="JAX_THREEFRY_PARTITIONABLE=0: the cheaper single-device threefry for "
+                      "dropout masks and noise (changes the random streams)")
+  p.add_argument("--tuned", action="store_true",
+                 help="= --hugetlb --no_ynn_conv --threefry_unpartitionable")
   p.add_argument("--xla_flags", default="", help="appended to XLA_FLAGS")
+  p.add_argument("--peer_omp_wait", default="passive", choices=("passive", "default"),
+                 help="OMP_WAIT_POLICY of the peer: 'passive' (default) stops its OpenMP "
+                      "threads spin-waiting, which on a loaded machine doubles its CPU time "
+                      "and wall time; 'default' leaves the environment as it is")
   p.add_argument("--env_sweep", action="store_true",
                  help="also time the 32x32 teacher step in subprocesses under env variants")
   p.add_argument("--sample_batch", type=int, default=500)
   args = p.parse_args(argv)
+  if args.tuned:
+    args.hugetlb = args.no_ynn_conv = args.threefry_unpartitionable = True
   for name in args.configs.split(","):
     if name not in CONFIG_NAMES:
       raise SystemExit(f"--configs: unknown {name!r}; choose from {CONFIG_NAMES}")
@@ -91,6 +102,8 @@ def setup_env(args):
   if args.hugetlb and HUGETLB not in tunables:
     env = dict(os.environ, GLIBC_TUNABLES=":".join(t for t in (tunables, HUGETLB) if t))
     os.execve(sys.executable, [sys.executable] + sys.argv, env)
+  if args.threefry_unpartitionable:
+    os.environ["JAX_THREEFRY_PARTITIONABLE"] = "0"
   flags = os.environ.get("XLA_FLAGS", "").split()
   if args.no_ynn_conv:
     flags.append(NO_YNN_CONV)
@@ -281,7 +294,8 @@ def distill_bench(ctx, *, variant: str, update_schedule: str, steps: int):
 
   alternate = variant == "alternating" and update_schedule == "alternate"
   n = steps + (steps % 2 if alternate else 0)
-  m = measure(call, warmup=2, steps=n)  # warm-up 2 keeps the timed steps starting on an even one
+  # Two warm-up steps keep the alternating schedule's timed steps starting on an even one.
+  m = measure(call, warmup=2 if alternate else 1, steps=n)
   flops = flops_of(compiled)
   name = variant if variant != "alternating" else f"alternating/{update_schedule}"
   r = {"name": name, "batch": batch_size, "compile_s": compile_s, "compile_cpu_s": compile_cpu_s,
@@ -321,9 +335,11 @@ def sampling_bench(ctx, *, batch: int, quick: bool):
   runs = [("student", k, lambda: student.lower(params, rng, shape=shape, label=labels)),
           ("teacher", 256, lambda: teacher.lower(params, rng, labels, sampler="ancestral",
                                                  num_steps=256, guidance=0.0))]
-  if quick:  # the 256-step sampler is a scan: time 32 steps and scale by 8
-    runs[1] = ("teacher", 32, lambda: teacher.lower(params, rng, labels, sampler="ancestral",
-                                                    num_steps=32, guidance=0.0))
+  # The 256-step sampler is a lax.scan of identical steps (about 4 CPU-minutes at batch 500):
+  # time a shorter scan and scale by 256 / its steps.
+  short = 8 if quick else 32
+  runs[1] = ("teacher", short, lambda: teacher.lower(params, rng, labels, sampler="ancestral",
+                                                     num_steps=short, guidance=0.0))
   for who, nsteps, lower in runs:
     t0 = time.perf_counter()
     compiled = lower().compile()
@@ -400,6 +416,79 @@ def _hlo_categories(hlo_text: str) -> dict:
   return cats
 
 
+def _conv_eqns(jaxpr, out):
+  """Appends every conv_general_dilated equation of `jaxpr` and its sub-jaxprs to `out`."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "conv_general_dilated":
+      out.append(eqn)
+    for v in eqn.params.values():
+      for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+        inner = getattr(sub, "jaxpr", None)
+        if inner is not None:
+          _conv_eqns(inner if hasattr(inner, "eqns") else inner.jaxpr, out)
+  return out
+
+
+def conv_breakdown(ctx, *, reps: int = 5):
+  """CPU-seconds per step spent in the model's k x k convolutions, timed one by one.
+
+  Every distinct convolution of the forward pass is jitted alone three ways: forward, input
+  gradient (not needed for the first conv, whose input is z) and weight gradient; each is timed
+  (median CPU of `reps` calls) and multiplied by how often it occurs. The rest of the step is
+  everything else (normalisation, activations, dropout, attention, 1x1 convs, optimizer).
+  """
+  import jax
+  import jax.numpy as jnp
+  from jax import lax
+
+  config, model, shape = ctx["config"], ctx["model"], ctx["data_shape"]
+  params = ctx["holder"]["state"].params
+  b = int(config.training.batch_size)
+  z = jnp.zeros((b,) + tuple(shape), jnp.float32)
+  jaxpr = jax.make_jaxpr(lambda p: model.apply(
+      {"params": p}, z, jnp.zeros((b,)), jnp.zeros((b,), jnp.int32), train=False))(params)
+  counts = {}
+  for eqn in _conv_eqns(jaxpr.jaxpr, []):
+    lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+    p = eqn.params
+    key = (tuple(lhs), tuple(rhs), tuple(p["window_strides"]), tuple(map(tuple, p["padding"])),
+           p["dimension_numbers"])
+    counts[key] = counts.get(key, 0) + 1
+  rows, total = [], {"fwd": 0.0, "dx": 0.0, "dw": 0.0}
+  for (lhs, rhs, strides, padding, dn), n in counts.items():
+    conv = lambda x, w, s=strides, pd=padding, d=dn: lax.conv_general_dilated(
+        x, w, s, pd, dimension_numbers=d)
+    x = jax.random.normal(jax.random.PRNGKey(0), lhs, jnp.float32)
+    w = jax.random.normal(jax.random.PRNGKey(1), rhs, jnp.float32) * 0.05
+    y = jax.eval_shape(conv, x, w)
+    dy = jnp.ones(y.shape, jnp.float32)
+    fns = {"fwd": (jax.jit(conv), (x, w)),
+           "dx": (jax.jit(lambda x, w, dy: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0]),
+                  (x, w, dy)),
+           "dw": (jax.jit(lambda x, w, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0]),
+                  (x, w, dy))}
+    row = {"lhs": list(lhs), "rhs": list(rhs), "count": n,
+           "gflop_fwd": 2.0 * math_prod(y.shape) * math_prod(rhs[:-1]) / 1e9}
+    for kind, (f, a) in fns.items():
+      if kind == "dx" and lhs[-1] == shape[-1]:
+        row["dx_s"] = 0.0  # the input conv: z needs no gradient
+        continue
+      m = measure(lambda: f(*a).block_until_ready(), warmup=1, steps=reps)
+      row[f"{kind}_s"] = m["cpu_s"]
+      total[kind] += n * m["cpu_s"]
+    rows.append(row)
+  rows.sort(key=lambda r: -r["count"] * (r["fwd_s"] + r["dx_s"] + r["dw_s"]))
+  return {"rows": rows, "total_cpu_s": total, "all_cpu_s": sum(total.values()),
+          "loadavg": load()}
+
+
+def math_prod(xs):
+  out = 1
+  for v in xs:
+    out *= int(v)
+  return out
+
+
 def profile_bench(ctx, *, steps: int = 2):
   """Per-op thread time of `steps` teacher steps, grouped by category (jax.profiler trace)."""
   import jax
@@ -417,8 +506,9 @@ def profile_bench(ctx, *, steps: int = 2):
     if not paths:
       return {"error": "no trace written"}
     data = jax.profiler.ProfileData.from_file(paths[-1])
-  finally:
-    pass
+  except Exception:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
   by_op, by_cat = {}, {}
   for plane in data.planes:
     if plane.name != "/host:CPU":
@@ -432,6 +522,10 @@ def profile_bench(ctx, *, steps: int = 2):
         dur = ev.duration_ns * 1e-9 / steps
         by_op[op] = by_op.get(op, 0.0) + dur
         cat = cats.get(op, "other")
+        if cat == "other" and op.startswith("conv"):
+          # XLA's own (Eigen) conv thunks return at once and run on the intra-op pool
+          # outside the trace: this is only their launch.
+          cat = "conv (Eigen, launch only)"
         by_cat[cat] = by_cat.get(cat, 0.0) + dur
   shutil.rmtree(tmp, ignore_errors=True)
   total = sum(by_cat.values())
@@ -456,21 +550,27 @@ def peer_bench(args, *, steps: int):
   if not os.path.exists(py):
     return {"skipped": True, "reason": f"--torch_python={py} does not exist"}
   cmd = [py, PEER_SCRIPT, f"--steps={steps}", "--warmup=2"]
-  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+  env = dict(os.environ)
+  if args.peer_omp_wait == "passive":
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
   if proc.returncode != 0:
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
     return {"skipped": True, "reason": f"{' '.join(cmd)} failed (exit {proc.returncode}): "
             + " | ".join(tail)}
   result = json.loads(proc.stdout.strip().splitlines()[-1])
-  result.update(skipped=False, python=py)
+  result.update(skipped=False, python=py, omp_wait_policy=env.get("OMP_WAIT_POLICY", ""))
   return result
 
 
 def env_sweep(args, *, steps: int):
   """The 32x32 teacher step in fresh processes under XLA-flag / glibc variants."""
   variants = [("baseline", []), ("hugetlb", ["--hugetlb"]), ("no_ynn_conv", ["--no_ynn_conv"]),
-              ("hugetlb+no_ynn_conv", ["--hugetlb", "--no_ynn_conv"])]
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}
+              ("threefry_unpartitionable", ["--threefry_unpartitionable"]),
+              ("hugetlb+no_ynn_conv", ["--hugetlb", "--no_ynn_conv"]), ("tuned (all three)",
+                                                                        ["--tuned"])]
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("XLA_FLAGS", "GLIBC_TUNABLES", "JAX_THREEFRY_PARTITIONABLE")}
   rows = []
   for name, extra in variants:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
@@ -512,6 +612,7 @@ def report(res):
   lines = []
   env = res["env"]
   lines.append(f"XLA_FLAGS={env['XLA_FLAGS']!r} GLIBC_TUNABLES={env['GLIBC_TUNABLES']!r} "
+               f"JAX_THREEFRY_PARTITIONABLE={env['JAX_THREEFRY_PARTITIONABLE']!r} "
                f"cores={env['cpu_count']} jax={env['jax']}")
   mm = res.get("matmul")
   if mm:
@@ -583,8 +684,8 @@ def report(res):
     lines.append("\nSampling at the digits shape:")
     lines.append(table(["sampler", "batch", "compile s", "wall s", "cpu s", "img/s",
                         "img/cpu-s", "GFLOP", "load"], rows))
-    note = " (teacher timed at 32 steps, scaled x8)" if s["teacher"]["timed_num_steps"] != 256 \
-        else ""
+    n_t = s["teacher"]["timed_num_steps"]
+    note = f" (teacher timed as a {n_t}-step scan, scaled x{256 // n_t})" if n_t != 256 else ""
     lines.append(f"student/teacher throughput: {g(s['speedup_wall'], 1)}x wall, "
                  f"{g(s['speedup_cpu'], 1)}x CPU{note}")
   p = res.get("profile")
@@ -598,16 +699,36 @@ def report(res):
                         p["by_category_s"].items()] + [["total", g(tot, 3), "100%"]]))
     lines.append("top ops: " + ", ".join(f"{o['op']} [{o['category']}] {o['s']:.3f}s"
                                          for o in p["top_ops"][:8]))
+  cb = res.get("conv_breakdown")
+  if cb:
+    t = res["teacher"]["cifar32"]
+    lines.append("\nThe 32x32 step's 3x3 convolutions timed one by one (CPU ms per call; x count "
+                 "per step):")
+    rows = [[f"{r['lhs'][1]}x{r['lhs'][2]} {r['rhs'][2]}->{r['rhs'][3]}", r["count"],
+             g(r["gflop_fwd"], 2), g(r["fwd_s"] * 1e3, 1), g(r["dx_s"] * 1e3, 1),
+             g(r["dw_s"] * 1e3, 1), g(r["gflop_fwd"] / r["fwd_s"], 0),
+             g(r["gflop_fwd"] / r["dw_s"], 0)] for r in cb["rows"]]
+    lines.append(table(["conv (HxW in->out)", "count", "GFLOP fwd", "fwd ms", "d input ms",
+                        "d weight ms", "fwd GFLOP/cpu-s", "dw GFLOP/cpu-s"], rows))
+    tot = cb["total_cpu_s"]
+    lines.append(f"convs: fwd {g(tot['fwd'], 2)} + d input {g(tot['dx'], 2)} + d weight "
+                 f"{g(tot['dw'], 2)} = {g(cb['all_cpu_s'], 2)} CPU-s per step, of the step's "
+                 f"{g(t['cpu_s'], 2)} CPU-s ({100 * cb['all_cpu_s'] / t['cpu_s']:.0f}%); the rest "
+                 f"{g(t['cpu_s'] - cb['all_cpu_s'], 2)} CPU-s; load {cb['loadavg'][0]:.1f}")
   sweep = res.get("env_sweep")
   if sweep:
+    peer = res.get("peer") or {}
+    peer_cpu = peer.get("step_cpu_s") if not peer.get("skipped", True) else None
     rows = [[r["variant"], g(r.get("compile_s"), 1), g(r.get("wall_s"), 3),
              g(r.get("wall_min_s"), 3), g(r.get("cpu_s"), 3),
+             g(r["cpu_s"] / peer_cpu) if peer_cpu and "cpu_s" in r else "-",
              f"{r.get('minor_faults', float('nan')):.0f}",
              f"{r['loadavg_after'][0]:.1f}" if "loadavg_after" in r else "-"]
             for r in sweep]
-    lines.append("\n32x32 teacher step under environment variants (fresh process each):")
-    lines.append(table(["variant", "compile s", "step s", "best s", "cpu s", "faults", "load"],
-                       rows))
+    lines.append("\n32x32 teacher step under environment variants (fresh process each; cpu/peer "
+                 "= its CPU-s over the peer's CPU-s above):")
+    lines.append(table(["variant", "compile s", "step s", "best s", "cpu s", "cpu/peer",
+                        "faults", "load"], rows))
   return "\n".join(lines)
 
 
@@ -619,11 +740,13 @@ def main(argv=None):
 
   configs = args.configs.split(",")
   parts = args.parts.split(",")
-  steps = args.steps or (3 if args.quick else 8)
-  dsteps = 2 if args.quick else 4
+  steps = args.steps or (3 if args.quick else 6)
+  dsteps = {"digits": 2 if args.quick else 4, "cifar32": 2}
   res = {"args": vars(args), "loadavg_start": load(),
          "env": {"XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
                  "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", ""),
+                 "JAX_THREEFRY_PARTITIONABLE": os.environ.get("JAX_THREEFRY_PARTITIONABLE", ""),
+                 "threefry_partitionable": bool(jax.config.jax_threefry_partitionable),
                  "cpu_count": os.cpu_count(), "jax": jax.__version__,
                  "device": str(jax.devices()[0])}}
   t_start, c_start = time.perf_counter(), time.process_time()
@@ -640,6 +763,7 @@ def main(argv=None):
           f"cpu {r['cpu_s']:.3f} s, {r['flops'] / 1e9:.1f} GFLOP", flush=True)
     if name == "cifar32" and "profile" in parts:
       res["profile"] = profile_bench(ctx)
+      res["conv_breakdown"] = conv_breakdown(ctx, reps=3 if args.quick else 5)
     if name == "cifar32" and "peer" in parts:
       res["peer"] = peer_bench(args, steps=steps)
       print("peer: " + (f"SKIPPED ({res['peer']['reason']})" if res["peer"]["skipped"] else
@@ -648,7 +772,7 @@ def main(argv=None):
       res["distill"][name] = []
       for variant, sched in (("alternating", "both"), ("alternating", "alternate"),
                              ("parameter_space", "both")):
-        d = distill_bench(ctx, variant=variant, update_schedule=sched, steps=dsteps)
+        d = distill_bench(ctx, variant=variant, update_schedule=sched, steps=dsteps[name])
         res["distill"][name].append(d)
         print(f"distill {name} {d['name']}: step {d['wall_s']:.3f} s, cpu {d['cpu_s']:.3f} s",
               flush=True)
@@ -658,7 +782,7 @@ def main(argv=None):
   if "peer" in parts and "cifar32" not in configs:
     res["peer"] = {"skipped": True, "reason": "the peer is only run with --configs=cifar32"}
   if args.env_sweep:
-    res["env_sweep"] = env_sweep(args, steps=steps)
+    res["env_sweep"] = env_sweep(args, steps=args.steps or (2 if args.quick else 4))
   res["total_wall_s"] = time.perf_counter() - t_start
   res["total_cpu_s"] = time.process_time() - c_start  # this process only (not subprocesses)
   res["loadavg_end"] = load()

@@ -103,7 +103,8 @@ def sample_data(mixture, key, n):
 
 def regress_mlp(*, model, denoise, mixture, schedule, steps_, batch, lr, seed, log):
   """The 'teacher MLP': an MLP regressed onto the exact denoiser E[x | z_t] (t ~ U(0, 1),
-  x-space error weighted by 1 + SNR capped at e^5, i.e. the snr_plus_one weighting)."""
+  x-space error weighted by 1 + SNR capped at e^5, i.e. the snr_plus_one weighting).
+  Returns (params, optimizer state)."""
   exact = gmm.make_denoiser()
   teacher_params = gmm.gmm_params(mixture)
   dim = mixture.dim
@@ -139,7 +140,7 @@ def regress_mlp(*, model, denoise, mixture, schedule, steps_, batch, lr, seed, l
     carry, losses = chunk(carry, key, start)
   log(f"  regression: {steps_} steps, final loss {float(losses[-1]):.4g}, "
       f"{time.time() - t0:.0f}s")
-  return carry[0]
+  return carry  # (params, Adam state): the state gives the 'adam' preconditioner
 
 
 def save_params(path, params):
@@ -210,7 +211,7 @@ def parse_extra(spec: str):
 # ----------------------------------------------------------------------------------------------
 
 def distill_one(*, kind, k, seed, overrides, args, mixture, schedule, denoise, mlp_params,
-                log, init_params=None):
+                log, init_params=None, mlp_opt_state=None):
   """Trains one student (and auxiliary) initialised from init_params (default: the regressed
   MLP); returns (EMA params, info dict with timing and FLOPs)."""
   init_params = mlp_params if init_params is None else init_params
@@ -223,7 +224,8 @@ def distill_one(*, kind, k, seed, overrides, args, mixture, schedule, denoise, m
     config.variant = "alternating"
   else:
     config.variant = "parameter_space"
-    config.nu_ema = args.nu_ema
+    if args.nu_ema is not None:
+      config.nu_ema = args.nu_ema
   config.update(overrides)
   mm.validate_config(config)
   tx, aux_tx = steps.make_optimizers(config)
@@ -251,7 +253,11 @@ def distill_one(*, kind, k, seed, overrides, args, mixture, schedule, denoise, m
           denoise=teacher_denoise, teacher_params=tp, batch=b, rng=r, config=config,
           schedule=schedule))(teacher_params, real, jax.random.PRNGKey(seed + 6000))
     elif config.preconditioner == "adam":
-      raise ValueError("The GMM teachers have no Adam state; use squared_grads or identity.")
+      if kind != "ps" or mlp_opt_state is None:
+        raise ValueError("Only the regressed MLP teacher has an Adam state (ps rows, and not "
+                         "with an MLP loaded from --mlp_cache).")
+      precond = preconditioners.adam_preconditioner(mlp_opt_state,
+                                                    eps=float(config.precond_eps))
   state = steps.init_distill_state(config=config, init_params=init_params, student_tx=tx,
                                    aux_tx=aux_tx, teacher_params=teacher_params)
   batch_size = config.batch_size
@@ -317,9 +323,10 @@ def parse_args(argv=None):
   p.add_argument("--extra", default="", help="extra rows with config overrides (see docstring)")
   p.add_argument("--batch", type=int, default=512)
   p.add_argument("--ema", type=float, default=None, help="student EMA (0.998; --quick 0.99)")
-  p.add_argument("--nu_ema", type=float, default=0.99, help="nu EMA of the ps rows")
-  p.add_argument("--hidden", type=int, default=256)
-  p.add_argument("--depth", type=int, default=3)
+  p.add_argument("--nu_ema", type=float, default=None, help="nu EMA of the ps rows (default: "
+                 "the distill config's)")
+  p.add_argument("--hidden", type=int, default=128)
+  p.add_argument("--depth", type=int, default=2)
   p.add_argument("--mlp_cache", default="", help=".npz of the regressed MLP: loaded if it "
                  "exists and fits the model, else written after the regression (development)")
   p.add_argument("--regress_steps", type=int, default=None, help="MLP regression steps (4000; "
@@ -363,6 +370,71 @@ def summarise(rows):
       vals = np.array([r[m] for r in rs])
       out[g].update({f"{m}_mean": float(vals.mean()), f"{m}_std": float(vals.std()),
                      f"{m}_min": float(vals.min()), f"{m}_max": float(vals.max())})
+  return out
+
+
+def check_claims(rows, summary):
+  """The issue's claims as booleans with the numbers they compare (None where rows are missing).
+
+  Seeded rows use the mean over seeds and, for claim 1, also the worst seed. The noise floor's
+  spread (std of the floor energy over seeds) is reported so that ratios of near-zero energies
+  can be judged.
+  """
+  def metric(name, m, worst=False):
+    if name in summary:
+      return summary[name][f"{m}_max" if worst else f"{m}_mean"]
+    return rows[name][m] if name in rows else None
+
+  out = {}
+  floor = summary.get("floor/true_vs_true", {})
+  out["noise_floor"] = {"energy_mean": floor.get("energy_mean"),
+                        "energy_std": floor.get("energy_std"),
+                        "sliced_w2_mean": floor.get("sliced_w2_mean")}
+  e8, sw8, me8 = (metric("alt/k=8", m) for m in ("energy", "sliced_w2", "mode_weight_error"))
+  sw_t256 = metric("teacher_ancestral/k=256", "sliced_w2")
+  if None not in (e8, sw8, me8, sw_t256):
+    worst = {m: metric("alt/k=8", m, worst=True) for m in ("energy", "sliced_w2",
+                                                           "mode_weight_error")}
+    out["1_alt_k8_matches_teacher"] = {
+        "energy": e8, "energy_worst_seed": worst["energy"], "energy_limit": 0.005,
+        "sliced_w2": sw8, "sliced_w2_worst_seed": worst["sliced_w2"],
+        "sliced_w2_limit": 1.3 * sw_t256, "mode_weight_error": me8,
+        "mode_weight_error_worst_seed": worst["mode_weight_error"],
+        "mode_weight_error_limit": 0.02,
+        "holds_mean": bool(e8 <= 0.005 and sw8 <= 1.3 * sw_t256 and me8 <= 0.02),
+        "holds_every_seed": bool(worst["energy"] <= 0.005 and worst["sliced_w2"] <= 1.3 * sw_t256
+                                 and worst["mode_weight_error"] <= 0.02)}
+  for k in (1, 2, 4, 8):
+    teacher = [metric(f"teacher_{s}/k={k}", "energy") for s in ("ancestral", "ddim")]
+    if None in teacher:
+      continue
+    best_teacher = min(teacher)
+    for student in (f"alt/k={k}", f"ps/k={k}", f"alt_progressive/k={k}",
+                    f"ps_progressive/k={k}"):
+      e = metric(student, "energy")
+      if e is not None:
+        out[f"2_{student}_vs_teacher_k{k}"] = {
+            "student_energy": e, "best_teacher_energy": best_teacher,
+            "ratio": e / best_teacher, "holds": bool(e <= best_teacher / 10)}
+  eu = metric("uncond_zs/k=8", "energy")
+  if eu is not None and e8 is not None:
+    out["3_uncond_vs_cond_k8"] = {
+        "uncond_energy": eu, "cond_energy": e8,
+        "ratio": eu / e8 if e8 > 0 else None,
+        "holds": bool(eu >= 3 * max(e8, 0.0)),
+        "difference_in_floor_stds": ((eu - e8) / floor["energy_std"]
+                                     if floor.get("energy_std") else None),
+        "note": "a conditional energy at or below 0 is at the noise floor; the ratio is then "
+                "undefined and the difference in floor standard deviations is the evidence"}
+  cost = {}
+  for name in ("alt/k=8", "alt_mlp/k=8", "ps/k=8", "ps_mixture/k=8"):
+    key = name if name in rows else f"{name}/seed=0"
+    if key in rows and "time_per_step_ms" in rows[key]:
+      cost[name] = {"energy": metric(name, "energy"),
+                    "time_per_step_ms": rows[key]["time_per_step_ms"],
+                    "mflop_per_step": rows[key]["flops_per_step"] / 1e6}
+  if cost:
+    out["5_cost_and_quality"] = cost
   return out
 
 
@@ -425,16 +497,16 @@ def main(argv=None):
   model = build_model(dim=dim, hidden=args.hidden, depth=args.depth)
   denoise = steps.make_x_predictor(model, "v")
   needs_mlp = groups - {"floor", "teacher"} or args.extra_rows
-  mlp_params = None
+  mlp_params = mlp_opt_state = None
   if needs_mlp:
     log(f"model: mmd_jax.models.mlp.MLPDenoiser, hidden {args.hidden}, depth {args.depth}, "
         "v-prediction")
     template = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), dim))
     mlp_params = load_params(args.mlp_cache, template) if args.mlp_cache else None
     if mlp_params is None:
-      mlp_params = regress_mlp(model=model, denoise=denoise, mixture=mixture,
-                               schedule=schedule, steps_=args.regress_steps, batch=args.batch,
-                               lr=1e-3, seed=0, log=log)
+      mlp_params, mlp_opt_state = regress_mlp(
+          model=model, denoise=denoise, mixture=mixture, schedule=schedule,
+          steps_=args.regress_steps, batch=args.batch, lr=1e-3, seed=0, log=log)
       if args.mlp_cache:
         save_params(args.mlp_cache, mlp_params)
     else:
@@ -475,7 +547,8 @@ def main(argv=None):
     ema_params, info = distill_one(kind=kind, k=k, seed=seed, overrides=overrides, args=args,
                                    mixture=mixture, schedule=schedule, denoise=denoise,
                                    mlp_params=mlp_params, log=log,
-                                   init_params=trained.get(init_from))
+                                   init_params=trained.get(init_from),
+                                   mlp_opt_state=mlp_opt_state)
     trained[name] = ema_params
     cfg = mm.default_config()
     cfg.num_student_steps = k
@@ -494,6 +567,8 @@ def main(argv=None):
         f" (min {s['energy_min']:.5f}, max {s['energy_max']:.5f}); sliced_w2 "
         f"{s['sliced_w2_mean']:.4f} +- {s['sliced_w2_std']:.4f}; mode_err "
         f"{s['mode_weight_error_mean']:.4f} (max {s['mode_weight_error_max']:.4f})")
+  claims = check_claims(rows, summary)
+  log("claims: " + json.dumps(claims, indent=1))
   log(f"total {time.time() - t_start:.0f}s")
   if args.out:
     settings = {k: v for k, v in vars(args).items() if k != "extra_rows"}
@@ -501,7 +576,8 @@ def main(argv=None):
                     schedule="cosine [-15, 15]",
                     distill_defaults=mm.default_config().to_dict())
     with open(args.out, "w", encoding="utf-8") as f:
-      json.dump({"rows": rows, "summary": summary, "settings": settings}, f, indent=1)
+      json.dump({"rows": rows, "summary": summary, "claims": claims, "settings": settings}, f,
+                indent=1)
     if dim == 2 and panels:
       keep = [p for p in panels if not p.startswith("floor") and (
           not p.startswith(("teacher", "mlp_teacher")) or p.endswith(("/k=1", "/k=8", "/k=256")))

@@ -116,7 +116,9 @@ def test_parameter_space_gradient_equals_alternating_gradient_with_instant_auxil
   denoise = steps.make_x_predictor(model, "v")
   eta = _perturb(theta, 1, scale=0.1)
   # Unguided: with guidance the auxiliary (an unguided network) is not the instant auxiliary.
-  config = _config(variant="parameter_space")
+  # nu_ema = 0.99: at step 0 the bias-corrected EMA of nu is nu itself, so this also checks
+  # the correction.
+  config = _config(variant="parameter_space", nu_ema=0.99)
   sgd = optax.sgd(1.0)
   x = jax.random.normal(jax.random.PRNGKey(5), (16, D))
   xa, xb = x[:8], x[8:]

@@ -78,7 +78,10 @@ def default_config() -> ml_collections.ConfigDict:
   precond_eps        eps of Lambda = 1 / (sqrt(v) + eps).
   precond_batches    number of real-data microbatches whose squared gradients are averaged.
   nu_ema             parameter_space only: EMA decay of the direction nu over steps (bias
-                     corrected); 0 = off (the paper's estimator, default). Not in the paper.
+                     corrected); default 0.99. Not the paper's estimator (that is 0 = off, an
+                     independent half-batch A each step); on the 16-D GMM benchmark (k = 8,
+                     2000 steps) 0.99 reached the noise floor (energy -0.0012) where 0 gave
+                     0.0107.
   ema_decay          EMA of the student's parameters (used for sampling/evaluation).
   optim              optimizer of student and auxiliary (fields of training.optim.make_optimizer);
                      steps.make_optimizers(config) builds both.
@@ -101,7 +104,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.preconditioner = "squared_grads"
   c.precond_eps = 1e-8
   c.precond_batches = 16
-  c.nu_ema = 0.0
+  c.nu_ema = 0.99
   c.ema_decay = 0.998
   c.aux_lr_scale = 1.0
   c.batch_size = 512

@@ -15,6 +15,11 @@ Use (config = the `distill` ConfigDict of moment_matching.default_config()):
     sampler = make_student_sampler(config=config, denoise=denoise, schedule=schedule)
     x = jax.jit(sampler, static_argnames="shape")(state.ema_params, rng, shape=(n, ...), label=c)
 
+One-step students (k = 1): initialise them from a distilled k = 2 student (init_params = its
+ema_params) rather than from the teacher, whose t = 1 output is the data mean for every z_1; on
+the GMM benchmark teacher-initialised k = 1 students collapse onto one mode (see
+experiments/gmm_benchmark.py, row group 'progressive').
+
 Every step function is pure: step(state, teacher_params, batch, rng[, precond]) -> (state,
 metrics) with metrics a dict of f32 scalars. The frozen teacher is an argument (never closed over)
 and is not part of the state. `rng` may be the same key every step: it is folded with state.step.

@@ -161,6 +161,8 @@ def _check_divisible(*, path, shape, axes, names, axis_sizes, strict, notes):
     label = f"dim {i} ({names[i]}={size})" if names else f"dim {i} (size {size})"
     keep = []
     for a in dim_axes:
+      if axis_sizes.get(a, 1) == 1:  # a size-1 axis splits nothing: leave the dim free
+        continue
       if a in used:
         notes.append(f"{label}: mesh axis {a!r} already used by another dimension; replicated")
         continue
