@@ -26,31 +26,12 @@ import os
 import ml_collections
 
 from mmd_jax import config_lib
-from mmd_jax.distill import moment_matching as mm
 
 TEACHER_CONFIG = "imagenet128.py"
 
 
-def distill_section(c, args):
-  d = mm.default_config()
-  d.update(variant="parameter_space" if args.get("parameter_space") else "alternating",
-           num_student_steps=8, batch_size=2048, num_steps=100_000, ema_decay=0.9999,
-           guidance=0.0, teacher_weighting=c.diffusion.loss_weighting)
-  d.teacher = ""  # the teacher's work directory (its latest checkpoint) or a step directory
-  d.optim.update(learning_rate=1e-4, warmup_steps=1000)
-  return d
-
-
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  args = config_lib.parse_arg(arg)
-  teacher_args = ",".join(a for a in ("runlocal",) if args.get(a))
-  c = config_lib.load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                          TEACHER_CONFIG)).get_config(teacher_args)
-  c.distill = distill_section(c, args)
-  c.eval.update(periodic="", final="ancestral:8")
-  if args.get("runlocal"):
-    c.distill.update(batch_size=16, num_steps=2, num_student_steps=2, precond_batches=2)
-    c.eval.update(final="")
-  if "steps" in args:
-    c.distill.num_steps = int(args["steps"])
-  return c
+  """Same distillation settings as imagenet64_distill.py, on the 128x128 teacher."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  return config_lib.load_module(os.path.join(here, "imagenet64_distill.py")).get_config(
+      arg, teacher_config=TEACHER_CONFIG)

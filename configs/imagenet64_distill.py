@@ -41,11 +41,12 @@ def distill_section(c, args):
   return d
 
 
-def get_config(arg: str = "") -> ml_collections.ConfigDict:
+def get_config(arg: str = "", teacher_config: str = TEACHER_CONFIG) -> ml_collections.ConfigDict:
+  """The distillation config of the teacher config file `teacher_config` (beside this file)."""
   args = config_lib.parse_arg(arg)
   teacher_args = ",".join(a for a in ("runlocal",) if args.get(a))
   c = config_lib.load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                          TEACHER_CONFIG)).get_config(teacher_args)
+                                          teacher_config)).get_config(teacher_args)
   c.distill = distill_section(c, args)
   c.eval.update(periodic="", final="ancestral:8")
   if args.get("runlocal"):
