@@ -53,6 +53,11 @@ HUGETLB = "glibc.malloc.hugetlb=1"
 # XLA:CPU sends convolutions to YNNPACK by default; its weight-gradient convolution (a
 # convolution whose window is the whole image) is ~3x slower than XLA's own (Eigen) kernel.
 NO_YNN_CONV = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+# XLA:CPU leaves convolutions inside lax.cond branches in their raw layout (e.g. a weight
+# gradient as dim_labels=f01b_i01o->01bf) and runs them with its naive loop emitter, 15-35x slower
+# than the same convolution outside a conditional.
+COND_NOTE = ("its convolutions run inside a lax.cond, which XLA:CPU executes with a naive "
+             "kernel (~15x slower, several minutes per 32x32 step); --time_cond_32 times it")
 CONFIG_NAMES = ("digits", "cifar32")
 PARTS = ("teacher", "peer", "distill", "sampling", "profile")
 
@@ -84,6 +89,8 @@ def parse_args(argv):
   p.add_argument("--env_sweep", action="store_true",
                  help="also time the 32x32 teacher step in subprocesses under env variants")
   p.add_argument("--sample_batch", type=int, default=500)
+  p.add_argument("--time_cond_32", action="store_true",
+                 help="also time the shipped alternate schedule (lax.cond) at 32x32 (slow)")
   args = p.parse_args(argv)
   if args.tuned:
     args.hugetlb = args.no_ynn_conv = args.threefry_unpartitionable = True
@@ -255,8 +262,16 @@ def teacher_bench(name, *, steps: int, warmup: int = 2):
   return result, ctx
 
 
-def distill_bench(ctx, *, variant: str, update_schedule: str, steps: int):
-  """One moment-matching step of `variant`, jitted with state donation like distill.loop."""
+def distill_bench(ctx, *, variant: str, update_schedule: str, steps: int,
+                  host_phase: bool = False):
+  """One moment-matching step of `variant`, jitted with state donation like distill.loop.
+
+  host_phase (alternate schedule only): instead of the shipped step, whose lax.cond picks the
+  auxiliary (even step) or the student (odd step) update on the device, compile one program per
+  phase with the step parity fixed at trace time, so that XLA inlines the taken branch (its
+  step counter is then a constant: fine for timing, not for training). This is what choosing
+  the phase on the host would cost; see the report on convolutions inside lax.cond.
+  """
   import jax
   import jax.numpy as jnp
   from mmd_jax.distill import steps as distill_steps
@@ -282,31 +297,48 @@ def distill_bench(ctx, *, variant: str, update_schedule: str, steps: int):
   if variant == "parameter_space":
     # Stands in for the squared-gradient preconditioner (a teacher-shaped tree, computed once).
     extra = (jax.tree_util.tree_map(jnp.ones_like, teacher_params),)
-  jitted = jax.jit(step_fn, donate_argnums=(0,))
-  c0, t0 = time.process_time(), time.perf_counter()
-  compiled = jitted.lower(state, teacher_params, batch, rng, *extra).compile()
-  compile_s, compile_cpu_s = time.perf_counter() - t0, time.process_time() - c0
-  holder = {"state": state}
+  alternate = variant == "alternating" and update_schedule == "alternate"
+  if host_phase and not alternate:
+    raise ValueError("host_phase applies to the alternating variant's 'alternate' schedule.")
+  phases = (0, 1) if host_phase else (None,)
+  compiled, compile_s, compile_cpu_s = [], 0.0, 0.0
+  for parity in phases:
+    fn = step_fn if parity is None else (
+        lambda st, *a, k=parity: step_fn(st.replace(step=jnp.full((), k, jnp.int32)), *a))
+    c0, t0 = time.process_time(), time.perf_counter()
+    compiled.append(jax.jit(fn, donate_argnums=(0,)).lower(
+        state, teacher_params, batch, rng, *extra).compile())
+    compile_s += time.perf_counter() - t0
+    compile_cpu_s += time.process_time() - c0
+  holder = {"state": state, "i": 0}
 
   def call():
-    holder["state"], metrics = compiled(holder["state"], teacher_params, batch, rng, *extra)
+    prog = compiled[holder["i"] % len(compiled)]
+    holder["i"] += 1
+    holder["state"], metrics = prog(holder["state"], teacher_params, batch, rng, *extra)
     jax.block_until_ready(metrics)
 
-  alternate = variant == "alternating" and update_schedule == "alternate"
   n = steps + (steps % 2 if alternate else 0)
   # Two warm-up steps keep the alternating schedule's timed steps starting on an even one.
   m = measure(call, warmup=2 if alternate else 1, steps=n)
-  flops = flops_of(compiled)
+  flops = [flops_of(c) for c in compiled]
   name = variant if variant != "alternating" else f"alternating/{update_schedule}"
+  if alternate:
+    name += " (host phase)" if host_phase else " (lax.cond)"
   r = {"name": name, "batch": batch_size, "compile_s": compile_s, "compile_cpu_s": compile_cpu_s,
-       "flops": flops, "temp_bytes": temp_bytes(compiled), **m}
+       "flops": sum(flops) / len(flops), "temp_bytes": max(temp_bytes(c) for c in compiled),
+       "conditionals": sum(c.as_text().count(" conditional(") for c in compiled), **m}
   if alternate:
     even, odd = m["walls"][0::2], m["walls"][1::2]  # even: auxiliary update, odd: student
     even_c, odd_c = m["cpus"][0::2], m["cpus"][1::2]
     r.update(aux_step_wall_s=median(even), student_step_wall_s=median(odd),
              aux_step_cpu_s=median(even_c), student_step_cpu_s=median(odd_c),
-             wall_s=(median(even) + median(odd)) / 2, cpu_s=(median(even_c) + median(odd_c)) / 2,
-             flops_note="cost_analysis of a lax.cond counts its costlier branch")
+             wall_s=(median(even) + median(odd)) / 2, cpu_s=(median(even_c) + median(odd_c)) / 2)
+    if host_phase:
+      r.update(aux_step_flops=flops[0], student_step_flops=flops[1],
+               flops_note="mean of the two phases' programs")
+    else:
+      r["flops_note"] = "XLA's cost of a lax.cond is its costlier branch"
   return r
 
 
@@ -659,6 +691,9 @@ def report(res):
       rows = [["teacher", t["batch"], g(t["compile_s"], 1), g(t["wall_s"], 3), g(t["cpu_s"], 3),
                g(t["flops"] / 1e9, 1), "1.00", "1.00", "1.00", f"{t['loadavg_after'][0]:.1f}"]]
       for d in rows_in:
+        if d.get("skipped"):
+          rows.append([d["name"]] + ["-"] * 8 + ["not timed"])
+          continue
         rows.append([d["name"], d["batch"], g(d["compile_s"], 1), g(d["wall_s"], 3),
                      g(d["cpu_s"], 3), g(d["flops"] / 1e9, 1), g(d["wall_s"] / t["wall_s"]),
                      g(d["cpu_s"] / t["cpu_s"]), g(d["flops"] / t["flops"]),
@@ -667,11 +702,16 @@ def report(res):
       lines.append(table(["step", "batch", "compile s", "step s", "cpu s", "GFLOP",
                           "time/teacher", "cpu/teacher", "FLOP/teacher", "load"], rows))
       for d in rows_in:
-        if "aux_step_wall_s" in d:
+        if d.get("skipped"):
+          lines.append(f"  {d['name']}: not timed: {d['reason']}")
+        elif "aux_step_wall_s" in d:
+          fl = (f"; GFLOP aux {g(d['aux_step_flops'] / 1e9, 1)}, student "
+                f"{g(d['student_step_flops'] / 1e9, 1)}" if "aux_step_flops" in d else
+                "; its GFLOP is the costlier branch (XLA's cost of a lax.cond)")
           lines.append(f"  {d['name']}: aux-update steps {g(d['aux_step_wall_s'], 3)} s "
                        f"(cpu {g(d['aux_step_cpu_s'], 3)}), student-update steps "
-                       f"{g(d['student_step_wall_s'], 3)} s (cpu {g(d['student_step_cpu_s'], 3)});"
-                       " its GFLOP is the costlier branch (XLA's cost of a lax.cond)")
+                       f"{g(d['student_step_wall_s'], 3)} s (cpu {g(d['student_step_cpu_s'], 3)})"
+                       + fl)
   s = res.get("sampling")
   if s:
     rows = []
@@ -770,9 +810,18 @@ def main(argv=None):
                         f"{res['peer']['step_wall_s']:.3f} s/step"), flush=True)
     if "distill" in parts:
       res["distill"][name] = []
-      for variant, sched in (("alternating", "both"), ("alternating", "alternate"),
-                             ("parameter_space", "both")):
-        d = distill_bench(ctx, variant=variant, update_schedule=sched, steps=dsteps[name])
+      for variant, sched, host in (("alternating", "both", False),
+                                   ("alternating", "alternate", False),
+                                   ("alternating", "alternate", True),
+                                   ("parameter_space", "both", False)):
+        if sched == "alternate" and not host and name == "cifar32" and not args.time_cond_32:
+          res["distill"][name].append({"name": "alternating/alternate (lax.cond)",
+                                       "skipped": True, "reason": COND_NOTE})
+          print(f"distill {name} alternating/alternate (lax.cond): not timed ({COND_NOTE})",
+                flush=True)
+          continue
+        d = distill_bench(ctx, variant=variant, update_schedule=sched, steps=dsteps[name],
+                          host_phase=host)
         res["distill"][name].append(d)
         print(f"distill {name} {d['name']}: step {d['wall_s']:.3f} s, cpu {d['cpu_s']:.3f} s",
               flush=True)
