@@ -21,6 +21,8 @@ Setting (the issue's protocol):
   progressive  k = 1 students of alt and ps initialised from their k = 2 students (instead of
              the regressed MLP, whose t = 1 output is the data mean for every z_1)
   uncond     the alternating k = 8 student with z_s ~ q(z_s | x_tilde) (ablation)
+  timing     wall time per step of alt, alt_mlp and ps at k = 8 in interleaved rounds (the
+             per-row ms/step of the training runs depend on the machine's load at the time)
   The k = 8 rows of alt, ps and uncond are repeated over --seeds seeds (distillation
   randomness; the regressed MLP is the same). The distillation weighting is the config default
   'auto' (constant for k <= 2, snr_plus_one above).
@@ -67,7 +69,7 @@ from mmd_jax.models import gmm, mlp  # pylint: disable=wrong-import-position
 TEACHER_STEPS = (1, 2, 4, 8, 32, 256)
 STUDENT_KS = (1, 2, 4, 8)
 ROW_GROUPS = ("floor", "teacher", "mlp_teacher", "alt", "ps", "progressive", "ps_mixture",
-              "alt_mlp", "uncond")
+              "alt_mlp", "uncond", "timing")
 KINDS = ("alt", "alt_mlp", "ps", "ps_mixture")
 METRICS = ("energy", "sliced_w2", "loglik", "mode_weight_error")
 CHUNK = 100  # distillation steps per compiled lax.scan
@@ -210,10 +212,10 @@ def parse_extra(spec: str):
 # Distillation of one student
 # ----------------------------------------------------------------------------------------------
 
-def distill_one(*, kind, k, seed, overrides, args, mixture, schedule, denoise, mlp_params,
-                log, init_params=None, mlp_opt_state=None):
-  """Trains one student (and auxiliary) initialised from init_params (default: the regressed
-  MLP); returns (EMA params, info dict with timing and FLOPs)."""
+def setup_run(*, kind, k, seed, overrides, args, mixture, schedule, denoise, mlp_params,
+              init_params=None, mlp_opt_state=None):
+  """Config, initial state, the jitted CHUNK-step training function and one step's FLOPs of a
+  student of `kind` (see the module docstring)."""
   init_params = mlp_params if init_params is None else init_params
   config = mm.default_config()
   config.num_student_steps = k
@@ -279,6 +281,21 @@ def distill_one(*, kind, k, seed, overrides, args, mixture, schedule, denoise, m
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(state.step + jnp.arange(CHUNK))
     return jax.lax.scan(lambda s, k: call(s, k, teacher_params, precond), state, keys)
 
+  return dict(config=config, state=state, chunk=chunk, flops=flops,
+              teacher_denoise=teacher_denoise, teacher_params=teacher_params, precond=precond)
+
+
+def distill_one(*, kind, k, seed, overrides, args, mixture, schedule, denoise, mlp_params,
+                log, init_params=None, mlp_opt_state=None):
+  """Trains one student (and auxiliary) initialised from init_params (default: the regressed
+  MLP); returns (EMA params, info dict with timing and FLOPs)."""
+  run = setup_run(kind=kind, k=k, seed=seed, overrides=overrides, args=args, mixture=mixture,
+                  schedule=schedule, denoise=denoise, mlp_params=mlp_params,
+                  init_params=init_params, mlp_opt_state=mlp_opt_state)
+  config, state, chunk, flops = run["config"], run["state"], run["chunk"], run["flops"]
+  teacher_denoise, teacher_params, precond = (run["teacher_denoise"], run["teacher_params"],
+                                              run["precond"])
+
   key = jax.random.PRNGKey(10_000 + seed)
   t0 = time.time()
   times = []
@@ -299,7 +316,71 @@ def distill_one(*, kind, k, seed, overrides, args, mixture, schedule, denoise, m
   log(f"  {kind} k={k} seed={seed} {overrides or ''}: {done} steps in {info['train_seconds']:.0f}s"
       f" ({info['time_per_step_ms']:.1f} ms/step, {flops / 1e6:.1f} MFLOP/step); "
       + ", ".join(f"{m}={v:.3g}" for m, v in last.items()))
+  if config.variant == "parameter_space":
+    info.update(teacher_gradient_check(
+        config=config, schedule=schedule, denoise=denoise, student_params=state.ema_params,
+        teacher_denoise=teacher_denoise, teacher_params=teacher_params, mixture=mixture,
+        seed=seed))
+    log(f"    teacher gradient norm on student samples {info['teacher_grad_norm_student']:.4g}"
+        f" vs on real data {info['teacher_grad_norm_real']:.4g} (same batch size and times)")
   return state.ema_params, info
+
+
+def time_variants(*, args, mixture, schedule, denoise, mlp_params, log, rounds=5):
+  """Wall time per step of alt, alt_mlp and ps at k = 8, measured in interleaved rounds (one
+  CHUNK-step call of each per round, after compilation and a warm-up call) so that all three
+  see the same machine load. Returns {kind: {"median_ms", "min_ms", "mflop"}}."""
+  runs = {}
+  for kind in ("alt", "alt_mlp", "ps"):
+    runs[kind] = setup_run(kind=kind, k=8, seed=0, overrides={}, args=args, mixture=mixture,
+                           schedule=schedule, denoise=denoise, mlp_params=mlp_params)
+  key = jax.random.PRNGKey(0)
+  states = {}
+  for kind, run in runs.items():  # warm-up (and compile) call
+    states[kind], _ = run["chunk"](run["state"], key, run["teacher_params"], run["precond"])
+    jax.block_until_ready(states[kind].params)
+  times = {kind: [] for kind in runs}
+  for _ in range(rounds):
+    for kind, run in runs.items():
+      t = time.time()
+      states[kind], _ = run["chunk"](states[kind], key, run["teacher_params"], run["precond"])
+      jax.block_until_ready(states[kind].params)
+      times[kind].append(1000 * (time.time() - t) / CHUNK)
+  out = {kind: {"median_ms": float(np.median(v)), "min_ms": float(np.min(v)),
+                "mflop": runs[kind]["flops"] / 1e6} for kind, v in times.items()}
+  log("interleaved timing (k=8, batch %d): " % args.batch + "; ".join(
+      f"{kind} {v['median_ms']:.1f} ms/step (min {v['min_ms']:.1f}), {v['mflop']:.0f} MFLOP"
+      for kind, v in out.items()))
+  return out
+
+
+def teacher_gradient_check(*, config, schedule, denoise, student_params, teacher_denoise,
+                           teacher_params, mixture, seed, batches=8):
+  """The parameter-space variant's moment conditions after training: the norm of the teacher's
+  loss gradient (the g_A of a half batch) on the student's samples vs on real data, averaged
+  over a few batches with the same times. Near-equal norms mean the teacher's parameter
+  gradients no longer tell the student from the data, whatever the sample metrics say."""
+  half = config.batch_size // 2
+
+  @jax.jit
+  def norms(key):
+    k_x, k_draw, k_zs = jax.random.split(key, 3)
+    x = sample_data(mixture, k_x, half)
+    d, _ = steps.draw(k_draw, config=config, schedule=schedule, denoise=denoise,
+                      params=student_params, x=x, label=None)
+    z_s_real = mm.sample_z_s(rng=k_zs, z_t=d["z_t"], x_tilde=x, logsnr_s=d["logsnr_s"],
+                             logsnr_t=d["logsnr_t"])
+    d_real = dict(d, x_tilde=x, z_s=z_s_real)
+    out = []
+    for dd in (d, d_real):
+      g, _ = steps.teacher_grad_on_samples(teacher_denoise=teacher_denoise,
+                                           teacher_params=teacher_params, d=dd, config=config)
+      out.append(optax.tree.norm(g))
+    return jnp.stack(out)
+
+  vals = np.mean([np.asarray(norms(jax.random.PRNGKey(20_000 + 100 * seed + i)))
+                  for i in range(batches)], axis=0)
+  return {"teacher_grad_norm_student": float(vals[0]), "teacher_grad_norm_real": float(vals[1])}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -556,9 +637,13 @@ def main(argv=None):
     sampler = jax.jit(steps.make_student_sampler(config=cfg, denoise=denoise, schedule=schedule),
                       static_argnames="shape")
     samples = sampler(ema_params, jax.random.PRNGKey(777 + seed), shape=(n, dim))
-    add(name, samples, {"time_per_step_ms": info["time_per_step_ms"],
-                        "flops_per_step": info["flops_per_step"], "seed": seed,
-                        "final_train_metrics": info["final_metrics"]})
+    add(name, samples, {key: v for key, v in info.items()
+                        if key not in ("train_seconds", "steps")} | {"seed": seed})
+
+  timing = None
+  if "timing" in groups:
+    timing = time_variants(args=args, mixture=mixture, schedule=schedule, denoise=denoise,
+                           mlp_params=mlp_params, log=log)
 
   summary = summarise(rows)
   log("\n" + fmt_table(rows))
@@ -568,6 +653,8 @@ def main(argv=None):
         f"{s['sliced_w2_mean']:.4f} +- {s['sliced_w2_std']:.4f}; mode_err "
         f"{s['mode_weight_error_mean']:.4f} (max {s['mode_weight_error_max']:.4f})")
   claims = check_claims(rows, summary)
+  if timing:
+    claims["5_interleaved_timing"] = timing
   log("claims: " + json.dumps(claims, indent=1))
   log(f"total {time.time() - t_start:.0f}s")
   if args.out:
