@@ -18,7 +18,9 @@ setup(
     install_requires=REQUIREMENTS,
     extras_require={
         # libtpu (through jax[tpu]) lets the tests compile ahead of time for a TPU topology on CPU.
-        "test": ["pytest>=9.0.3", "jax[tpu]>=0.10.2"],
+        # nbclient + ipykernel execute experiments/colab/evaluate.ipynb headless in the tests.
+        "test": ["pytest>=9.0.3", "jax[tpu]>=0.10.2", "nbclient>=0.11.0", "nbformat>=5.11.1",
+                 "ipykernel>=7.4.0"],
         # Pod slices, and ahead-of-time compilation for TPU topologies on a CPU machine.
         "tpu": ["jax[tpu]>=0.10.2"],
         "gpu": ["jax[cuda12]>=0.10.2"],

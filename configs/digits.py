@@ -16,6 +16,7 @@ import ml_collections
 
 from mmd_jax import config_lib
 from mmd_jax.distill import moment_matching
+from mmd_jax.evaluation import eval_fields
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -45,6 +46,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(
       periodic="ancestral:32", final="ancestral:8,ancestral:32,ancestral:256,ddim:8",
       num_samples=1000, batch_size=500, grid_per_class=10, use_ema=True))
+  # --mode=eval (FID / IS / precision-recall of a checkpoint); fields: evaluation/eval_fields.py.
+  # The stand-in extractor is 256-d here: 1000 digits cannot fill a 2048-d covariance anyway.
+  c.eval.update(eval_fields.defaults())
+  c.eval.update(standin_dim=256, reference_examples=2000)
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 

@@ -105,6 +105,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
       if spec["sampler"] not in samplers.SAMPLERS:
         raise ConfigError(f"config.{key}: unknown sampler {spec['sampler']!r}; choose one of "
                           f"{tuple(samplers.SAMPLERS)}.")
+  if "specs" in config.eval:  # --mode=eval's specs: syntax here, samplers per run at eval time
+    parse_sampler_specs(config.eval.specs, key="eval.specs")
 
 
 def parse_sampler_specs(text: str, *, key: str = "eval") -> list[dict]:

@@ -4,6 +4,9 @@ Modes (--mode, else the config's `mode` field, else train):
   train     trains or resumes the teacher in --workdir and evaluates it
   distill   distils config.distill.teacher into a k-step student in --workdir
   pipeline  teacher, students and a comparison table under --workdir (see mmd_jax/pipeline.py)
+  eval      FID / Inception Score / precision-recall of the latest checkpoint of the teacher or
+            student run in --workdir, sharded and resumable (mmd_jax/evaluation/run.py); rows
+            in WORKDIR/eval_results.jsonl
   print_sharding  every parameter's sharding (path, shape, logical names, mesh spec, bytes per
             device) and the state's memory per device, for the local devices or for
             --topology=v5p:4x4x4; nothing is allocated or compiled
@@ -28,7 +31,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/digits.py[:runlocal].",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Work directory (local path or gs://...).")
-flags.DEFINE_enum("mode", None, ["train", "distill", "pipeline", "aot", "print_sharding"],
+flags.DEFINE_enum("mode", None, ["train", "distill", "pipeline", "eval", "aot",
+                                 "print_sharding"],
                   "What to run; default: the config's `mode` field, else train.")
 flags.DEFINE_string("topology", None, "TPU topology for --mode=aot/print_sharding, e.g. v5p:4x4x4.")
 flags.DEFINE_string("coordinator_address", None, "Multi-process: HOST:PORT of process 0.")
@@ -71,8 +75,11 @@ def main(argv):
     elif mode == "pipeline":
       from mmd_jax import pipeline
       pipeline.run_pipeline(FLAGS.config, FLAGS.workdir)
+    elif mode == "eval":
+      from mmd_jax.evaluation import run as eval_run
+      eval_run.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
     else:
-      raise errors.ConfigError(f"Unknown mode {mode!r}; choose train, distill or pipeline.")
+      raise errors.ConfigError(f"Unknown mode {mode!r}; choose train, distill, pipeline or eval.")
   except errors.USER_ERRORS as e:
     print(f"mmd_jax error ({type(e).__name__}): {e}", file=sys.stderr, flush=True)
     sys.exit(2)
