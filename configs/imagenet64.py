@@ -23,6 +23,7 @@ Arguments (`--config=configs/imagenet64.py:ARG`, comma-separated):
 import ml_collections
 
 from mmd_jax import config_lib
+from mmd_jax.evaluation import eval_fields
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -55,6 +56,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(
       periodic="ddim:64", final="ddim:64,ancestral:256,ddim:64:1.5",
       num_samples=10_000, batch_size=2048, grid_per_class=2, use_ema=True))
+  # --mode=eval (FID / IS / precision-recall; fields: mmd_jax/evaluation/eval_fields.py). For
+  # numbers comparable with the literature: eval.num_samples=50000 and the ADM reference .npz.
+  c.eval.update(eval_fields.defaults())
 
   # data x fsdp x tensor, per slice; dcn_* > 1 for multislice (see mmd_jax/parallel/mesh.py).
   # rules: 'name=axis,...' overrides of the model's logical rules; fallback_rules for leaves
