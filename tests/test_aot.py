@@ -30,6 +30,10 @@ def test_small_teacher_step_compiles_for_a_tpu_topology():
   assert 0 < row["argument_bytes"] and 0 < row["temp_bytes"] < 2**30
   assert row["flops_per_device"] > 0
   assert "fits with 10% headroom" in aot.format_row(row)
+  # Wall and CPU seconds of lowering and compiling (on a shared machine they differ a lot).
+  assert row["compile_cpu_seconds"] > 0 and row["lower_seconds"] > 0
+  assert row["compile_seconds"] > 0
+  assert "s CPU" in aot.format_row(row)
 
 
 def test_fit_and_mfu_arithmetic():
@@ -74,3 +78,20 @@ def test_main_cli_modes_report_user_errors_without_traceback(tmp_path):
       timeout=120)
   assert proc.returncode == 2 and "needs --topology" in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def test_aot_report_table_has_compile_times():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      "aot_report", os.path.join(REPO, "experiments", "aot_report.py"))
+  report = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(report)
+  row = dict(program="distill/alternating", topology="v5p:4x4x4", mesh={"data": 4, "fsdp": 16},
+             num_params=388e6, batch_size=2048, dtype="bfloat16", remat=True,
+             argument_bytes=2**30, output_bytes=2**30, temp_bytes=2**31, peak_bytes=3 * 2**30,
+             hbm_bytes=95 * 2**30, fits=True, flops_per_device=1e13, est_step_seconds=0.25,
+             est_mfu=0.5, compile_seconds=3600.0, compile_cpu_seconds=1800.0)
+  lines = report.table([row]).splitlines()
+  assert len(lines) == 3 and lines[0].count("|") == lines[2].count("|")
+  assert "| 4x16 | 388M | 2048 |" in lines[2] and "| yes |" in lines[2]
+  assert lines[2].endswith("| 0.250 | 50% | 3600 (1800) |")

@@ -6,6 +6,10 @@
       "digits": scikit-learn's 8x8 digits, built on first use into data_dir as
                 the TFDS dataset "mmd_digits" (split "train" = all 1797 images,
                 used both for training and as the metrics reference set).
+      "digits_text": the same digits with a synthetic caption embedding
+                f32[4, 8] per example under "text" (TFDS "mmd_digits_text",
+                built on first use; a stand-in for a text encoder's output,
+                see sources.caption_embedding).
       "gmm":    Gaussian mixture read from `spec_path` (see sources.GaussianMixture).
       other:    a TFDS name, optionally with config/version, e.g. "cifar10",
                 "imagenet_resized/64x64", "cifar10:3.0.2". It must already be
@@ -25,6 +29,11 @@
 Images come out as float32 NHWC in [-1, 1] (uint8 / 127.5 - 1) and labels as
 int32; datasets without a "label" feature get all-zero labels and
 num_classes 0. Resizing is out of scope (imagenet_resized is already sized).
+Text-conditioned data sets have a "text" feature: a fixed-shape float tensor
+[L, D] of text-encoder embeddings (computed offline, e.g. T5 outputs), which
+comes out as batch["text"] f32[b, L, D]; dataset_info reports its shape as
+"text_shape" (None without text). All-zero text is reserved as the null text
+of classifier-free guidance (see mmd_jax.diffusion.conditioning).
 
 Train stream (per process, grain MapDataset):
     source -> [shard_index::shard_count] -> shuffle(seed') -> repeat() ->
@@ -61,6 +70,7 @@ __all__ = [
     "TrainIterator",
     "dataset_info",
     "load_eval_arrays",
+    "load_eval_text",
     "make_train_iterator",
     "resolve_tfds_name_and_dir",
 ]
@@ -98,6 +108,10 @@ def resolve_tfds_name_and_dir(config_data: Any) -> tuple[str, str]:
     data_dir = os.path.expanduser(data_dir or sources.default_digits_data_dir())
     sources.ensure_digits_prepared(data_dir)
     return sources.DIGITS_NAME, data_dir
+  if name in ("digits_text", sources.DIGITS_TEXT_NAME):
+    data_dir = os.path.expanduser(data_dir or sources.default_digits_data_dir())
+    sources.ensure_digits_text_prepared(data_dir)
+    return sources.DIGITS_TEXT_NAME, data_dir
   return name, os.path.expanduser(data_dir or sources.default_tfds_data_dir())
 
 
@@ -106,6 +120,7 @@ def _open(config_data: Any) -> sources.TfdsSource:
   split = _get(config_data, "split", "train")
   src = sources.open_tfds_source(name, data_dir=data_dir, split=split)
   _image_layout(src)  # Validate features before anything long happens.
+  _text_shape(src)
   return src
 
 
@@ -156,12 +171,33 @@ def _image_layout(src: sources.TfdsSource) -> tuple[tuple[int, int, int], int]:
   return shape, int(num_classes)
 
 
+def _text_shape(src: sources.TfdsSource) -> tuple[int, int] | None:
+  """(L, D) of the "text" feature (text-encoder embeddings), None without one."""
+  features = src.features
+  if "text" not in (list(features.keys()) if hasattr(features, "keys") else []):
+    return None
+  text = features["text"]
+  shape = tuple(getattr(text, "shape", ()) or ())
+  dtype = getattr(text, "np_dtype", None)
+  if (len(shape) != 2 or any(d is None for d in shape) or dtype is None
+      or not np.issubdtype(np.dtype(dtype), np.floating)):
+    raise ValueError(
+        f"dataset {src.name!r} has a 'text' feature of shape {shape} and dtype "
+        f"{dtype}; text conditioning needs fixed-shape float embeddings "
+        "[tokens, width] (tfds.features.Tensor(shape=(L, D), dtype=np.float32)), "
+        "e.g. a text encoder's outputs padded to L tokens."
+    )
+  return int(shape[0]), int(shape[1])
+
+
 def _select(index: int, record: Mapping[str, Any], *, has_label: bool,
-            include_index: bool) -> dict[str, Any]:
+            include_index: bool, has_text: bool = False) -> dict[str, Any]:
   out = {
       "image": np.asarray(record["image"], np.uint8),
       "label": np.int32(record["label"] if has_label else 0),
   }
+  if has_text:
+    out["text"] = np.asarray(record["text"], np.float32)
   if include_index:
     out["index"] = np.int64(index)
   return out
@@ -171,6 +207,8 @@ def _to_model_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   out = dict(batch)
   out["image"] = batch["image"].astype(np.float32) / np.float32(127.5) - 1.0
   out["label"] = batch["label"].astype(np.int32)
+  if "text" in batch:
+    out["text"] = batch["text"].astype(np.float32)
   return out
 
 
@@ -306,7 +344,8 @@ def make_train_iterator(
 ) -> TrainIterator:
   """Returns an infinite iterator of per-process training batches.
 
-  Each `next()` gives {"image": f32[b,H,W,C] in [-1,1], "label": i32[b]} (or
+  Each `next()` gives {"image": f32[b,H,W,C] in [-1,1], "label": i32[b]} (plus
+  "text": f32[b,L,D] for data sets with a text feature; or
   {"x": f32[b,D], "label": i32[b]} for name="gmm") with
   b = global_batch_size // shard_count. `include_index=True` adds
   "index": i64[b], the record index within the split (for tests/debugging).
@@ -327,6 +366,7 @@ def make_train_iterator(
 
   src = _open(config_data)
   _, num_classes = _image_layout(src)
+  has_text = _text_shape(src) is not None
   num_records = len(src.source)
   if num_records < shard_count:
     raise ValueError(
@@ -337,7 +377,7 @@ def make_train_iterator(
   def select(index, record):
     # Later epochs ask the source for index + epoch * num_records.
     return _select(index % num_records, record, has_label=num_classes > 0,
-                   include_index=include_index)
+                   include_index=include_index, has_text=has_text)
 
   ds = grain.MapDataset.source(src.source).map_with_index(select)
   ds = ds[shard_index::shard_count]
@@ -367,19 +407,23 @@ def make_train_iterator(
 
 
 def dataset_info(config_data: Any) -> dict[str, Any]:
-  """{"image_shape": (H, W, C), "num_classes", "num_examples", "data_shape"}.
+  """{"image_shape": (H, W, C), "num_classes", "num_examples", "data_shape",
+  "text_shape"}.
 
+  text_shape is (L, D) for data sets with a "text" feature, else None.
   For name="gmm": image_shape None, data_shape (D,), num_classes K (labels are
-  component indices), num_examples None (infinite).
+  component indices), num_examples None (infinite), text_shape None.
   """
   if _name(config_data) == "gmm":
     gmm = _load_gmm(config_data)
     return {"image_shape": None, "data_shape": (gmm.dim,),
-            "num_classes": gmm.num_components, "num_examples": None}
+            "num_classes": gmm.num_components, "num_examples": None,
+            "text_shape": None}
   src = _open(config_data)
   shape, num_classes = _image_layout(src)
   return {"image_shape": shape, "data_shape": shape,
-          "num_classes": num_classes, "num_examples": len(src.source)}
+          "num_classes": num_classes, "num_examples": len(src.source),
+          "text_shape": _text_shape(src)}
 
 
 def load_eval_arrays(config_data: Any, *, max_examples: int | None = None
@@ -402,22 +446,41 @@ def load_eval_arrays(config_data: Any, *, max_examples: int | None = None
     sample = gmm.sample(int(_get(config_data, "eval_seed", 0)), n)
     return sample["x"], sample["label"]
 
+  out = _read_eval(config_data, max_examples=max_examples, with_text=False)
+  return out["image"], out["label"]
+
+
+def load_eval_text(config_data: Any, *, max_examples: int | None = None
+                  ) -> tuple[np.ndarray, np.ndarray] | None:
+  """(text f32[N, L, D], labels i32[N]) of the split in record order, the same
+  records as load_eval_arrays; None for data sets without a "text" feature.
+  Evaluation conditions its samples on these real captions."""
+  if max_examples is not None and (
+      not isinstance(max_examples, (int, np.integer)) or max_examples < 1):
+    raise ValueError(f"max_examples must be a positive int, got {max_examples!r}.")
+  if _name(config_data) == "gmm" or _text_shape(_open(config_data)) is None:
+    return None
+  out = _read_eval(config_data, max_examples=max_examples, with_text=True)
+  return out["text"], out["label"]
+
+
+def _read_eval(config_data: Any, *, max_examples: int | None, with_text: bool
+              ) -> dict[str, np.ndarray]:
   src = _open(config_data)
   _, num_classes = _image_layout(src)
   n = len(src.source)
   if max_examples is not None:
     n = min(n, int(max_examples))
-  images, labels = [], []
+  keys = ("image", "label") + (("text",) if with_text else ())
+  parts = {k: [] for k in keys}
   for start in range(0, n, _EVAL_READ_CHUNK):
     indices = list(range(start, min(n, start + _EVAL_READ_CHUNK)))
     records = src.source.__getitems__(indices)
-    rows = [_select(i, r, has_label=num_classes > 0, include_index=False)
+    rows = [_select(i, r, has_label=num_classes > 0, include_index=False,
+                    has_text=with_text)
             for i, r in zip(indices, records)]
-    batch = _to_model_batch({
-        "image": np.stack([r["image"] for r in rows]),
-        "label": np.stack([r["label"] for r in rows]),
-    })
-    images.append(batch["image"])
-    labels.append(batch["label"])
-  return np.concatenate(images), np.concatenate(labels)
+    batch = _to_model_batch({k: np.stack([r[k] for r in rows]) for k in keys})
+    for k in keys:
+      parts[k].append(batch[k])
+  return {k: np.concatenate(v) for k, v in parts.items()}
 

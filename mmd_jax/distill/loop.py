@@ -40,13 +40,18 @@ def student_spec(config) -> dict:
           "guidance": 0.0}
 
 
-def make_student_sample_fn(*, config, denoise, schedule, data_shape, clip):
-  """sample(params, rng, labels, *, sampler, num_steps, guidance) like evaluation.sampling."""
-  def sample(params, rng, labels, *, sampler, num_steps, guidance):
-    del sampler, guidance
+def make_student_sample_fn(*, config, denoise, schedule, data_shape, clip, num_classes=None):
+  """sample(params, rng, labels, text=None, *, sampler, num_steps, guidance) like
+  evaluation.sampling; text (f32[B, L, D]) for a text-conditioned student. num_classes: the
+  model's (labels are not given to a model without classes; None = pass them as before)."""
+  def sample(params, rng, labels, text=None, *, sampler, num_steps, guidance):
+    del sampler
+    null_label = num_classes if num_classes else None
     fn = distill_steps.make_student_sampler(config=config.distill, denoise=denoise,
-                                            schedule=schedule, num_steps=num_steps, clip=clip)
-    return fn(params, rng, shape=(labels.shape[0],) + tuple(data_shape), label=labels)
+                                            schedule=schedule, num_steps=num_steps, clip=clip,
+                                            guidance=guidance, null_label=null_label)
+    label = None if (num_classes == 0 and text is not None) else labels
+    return fn(params, rng, shape=(labels.shape[0],) + tuple(data_shape), label=label, text=text)
   return jax.jit(sample, static_argnames=("sampler", "num_steps", "guidance"))
 
 
@@ -69,6 +74,8 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dic
                                  "parameter-space variant splits it into two halves.")
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   info, data_shape, num_classes, model, schedule = train_loop.build_components(config)
+  text_shape = train_loop.text_shape_for(config, info)
+  eval_classes = int(info["num_classes"])  # == num_classes unless model.class_conditional=False
   data_key = train_loop._data_key(info)  # pylint: disable=protected-access
 
   # ----- mesh -----
@@ -79,7 +86,8 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dic
 
   # ----- teacher (an argument of the step, never in the student's checkpoints) -----
   teacher = teacher_lib.load_teacher(dcfg.teacher, config=config, data_shape=data_shape,
-                                     num_classes=num_classes, mesh=mesh, rules=rules)
+                                     num_classes=num_classes, mesh=mesh, rules=rules,
+                                     text_shape=text_shape)
   logging.info("teacher %s step %d fingerprint %s", teacher.path, teacher.step,
                teacher.fingerprint)
   config_dict = json.loads(config_lib.to_json(config))
@@ -124,13 +132,14 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dic
   denoise = distill_steps.make_x_predictor(model, config.model.prediction)
   step_fn = distill_steps.make_distill_step(
       config=dcfg, denoise=denoise, schedule=schedule, student_tx=student_tx, aux_tx=aux_tx,
-      data_key=data_key, null_label=num_classes if num_classes > 0 else None)
+      data_key=data_key, null_label=num_classes if num_classes > 0 else None,
+      use_text=text_shape is not None)
   batch_sh, repl = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
   teacher_sh = teacher.param_shardings
   extra_args, extra_sh = (), ()
   if dcfg.variant == "parameter_space":
     precond = _preconditioner(config=config, teacher=teacher, denoise=denoise, schedule=schedule,
-                              data_key=data_key, mesh=mesh)
+                              data_key=data_key, mesh=mesh, use_text=text_shape is not None)
     if precond is not None:
       extra_args, extra_sh = (precond,), (teacher_sh,)
   train_step = jax.jit(step_fn, in_shardings=(shardings, teacher_sh, batch_sh, repl) + extra_sh,
@@ -139,11 +148,13 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dic
   writer = logging_lib.MetricWriter(workdir)
   sample_fn = make_student_sample_fn(config=config, denoise=denoise, schedule=schedule,
                                      data_shape=data_shape,
-                                     clip=config.diffusion.get("clip_x"))
+                                     clip=config.diffusion.get("clip_x"),
+                                     num_classes=num_classes if text_shape else None)
   reference = None
   if data_key == "image" and config.eval.num_samples > 0:
     real_x, real_y = pipeline.load_eval_arrays(config.data)
     reference = pixel_metrics.PixelReference(real_x, real_y, seed=int(config.seed))
+  text_fn = train_loop.eval_text_fn(config, text_shape=text_shape, num_classes=eval_classes)
   eval_rng = jax.random.PRNGKey(int(config.seed) + 2)
   spec = student_spec(config)
   num_steps = int(dcfg.num_steps)
@@ -190,7 +201,8 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dic
         if done % config.training.eval_every == 0 and done < num_steps:
           train_loop.evaluate(config=config, workdir=workdir, params=state.ema_params, step=done,
                               specs=[spec], sample_fn=sample_fn, reference=reference,
-                              num_classes=num_classes, rng=eval_rng, tag="periodic")
+                              num_classes=eval_classes, rng=eval_rng, tag="periodic",
+                              text_fn=text_fn)
   finally:
     ckpt.wait()
     writer.close()
@@ -204,8 +216,8 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dic
   if not rows and config.eval.num_samples > 0:
     rows = train_loop.evaluate(config=config, workdir=workdir, params=state.ema_params,
                                step=num_steps, specs=[spec], sample_fn=sample_fn,
-                               reference=reference, num_classes=num_classes, rng=eval_rng,
-                               tag="final")
+                               reference=reference, num_classes=eval_classes, rng=eval_rng,
+                               tag="final", text_fn=text_fn)
     if jax.process_index() == 0:
       with epath.Path(final_path).open("w") as f:
         json.dump(rows, f, indent=1)
@@ -216,7 +228,7 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dic
   return {"state": state, "final_eval": rows, "preempted": False, "teacher": teacher}
 
 
-def _preconditioner(*, config, teacher, denoise, schedule, data_key, mesh):
+def _preconditioner(*, config, teacher, denoise, schedule, data_key, mesh, use_text=False):
   """Lambda for the parameter-space variant (None = identity)."""
   dcfg = config.distill
   if dcfg.preconditioner == "identity":
@@ -229,7 +241,7 @@ def _preconditioner(*, config, teacher, denoise, schedule, data_key, mesh):
   batch = {k: jnp.asarray(v) for k, v in next(it).items()}
   fn = jax.jit(lambda params, b, rng: preconditioners.squared_grad_preconditioner(
       denoise=denoise, teacher_params=params, batch=b, rng=rng, config=dcfg, schedule=schedule,
-      data_key=data_key))
+      data_key=data_key, use_text=use_text))
   t0 = time.time()
   precond = fn(teacher.params, batch, jax.random.PRNGKey(int(config.seed) + 5))
   logging.info("squared-gradient preconditioner from %d real examples in %.1f s", n,

@@ -34,25 +34,30 @@ def adam_preconditioner(teacher_opt_state, *, eps: float = 1e-8):
 
 
 def squared_grad_preconditioner(*, denoise: Callable, teacher_params, batch, rng, config,
-                                schedule: Schedule, data_key: str = "x"):
+                                schedule: Schedule, data_key: str = "x", use_text: bool = False):
   """Lambda from squared teacher gradients on real data (see module docstring).
 
   batch[data_key] holds N real examples, split into config.precond_batches microbatches
-  (N must be divisible by it). Jit this function with `denoise`, `config`, `schedule` and
-  `data_key` closed over, or call it eagerly once before training (it compiles once).
+  (N must be divisible by it); with use_text the teacher is also given batch['text'] (its
+  text-encoder embeddings, f32[N, L, D]). Jit this function with `denoise`, `config`,
+  `schedule` and `data_key` closed over, or call it eagerly once before training (it compiles
+  once).
   """
   x = batch[data_key]
   label = batch.get("label")
+  if use_text and "text" not in batch:
+    raise ValueError(f"use_text=True but the batch has keys {sorted(batch)} (no 'text').")
+  text = batch["text"] if use_text else None
   n_micro = int(config.precond_batches)
   if n_micro < 1 or x.shape[0] % n_micro:
     raise ValueError(f"squared_grad_preconditioner: {x.shape[0]} examples do not split into "
                      f"distill.precond_batches={n_micro} equal microbatches.")
-  xs = x.reshape((n_micro, -1) + x.shape[1:])
-  labels = None if label is None else label.reshape(n_micro, -1)
+  micro = lambda a: None if a is None else a.reshape((n_micro, -1) + a.shape[1:])
   keys = jax.random.split(rng, n_micro)
+  text_kw = lambda tb: {} if tb is None else {"text": tb}
 
   def sq_grad(args):
-    xb, lb, key = args
+    xb, lb, tb, key = args
     k_time, k_eps = jax.random.split(key)
     _, u_s = mm.sample_times(rng=k_time, batch=xb.shape[0],
                              num_student_steps=int(config.num_student_steps),
@@ -62,14 +67,12 @@ def squared_grad_preconditioner(*, denoise: Callable, teacher_params, batch, rng
     w = mm.config_weight(config, logsnr_s)
 
     def loss(theta):
-      g = denoise(theta, z_s, logsnr_s, lb, train=False, rng=None)
+      g = denoise(theta, z_s, logsnr_s, lb, train=False, rng=None, **text_kw(tb))
       return jnp.mean(mm.teacher_loss_on_samples(x_tilde=xb, g_teacher=g, w=w))
 
     return jax.tree_util.tree_map(jnp.square, jax.grad(loss)(teacher_params))
 
-  if labels is None:
-    sq = jax.lax.map(lambda a: sq_grad((a[0], None, a[1])), (xs, keys))
-  else:
-    sq = jax.lax.map(sq_grad, (xs, labels, keys))
+  # None leaves (no labels / no text) pass through lax.map as empty pytrees.
+  sq = jax.lax.map(sq_grad, (micro(x), micro(label), micro(text), keys))
   v = jax.tree_util.tree_map(lambda a: jnp.mean(a, axis=0), sq)
   return from_second_moments(v, eps=float(config.precond_eps))

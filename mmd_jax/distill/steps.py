@@ -29,6 +29,13 @@ case the student and auxiliary are initialised from `init_params` of the student
 Student and auxiliary run with train=True (dropout, if the model has it); the teacher with
 train=False.
 
+Text conditioning (use_text=True): the batch carries text-encoder embeddings batch['text']
+f32[B, L, D] and every network (student, auxiliary, teacher) is called with text=... of the
+examples (denoise(..., text=t)). With distill.guidance = w != 0 only the teacher is guided:
+g^w = g(c) + w (g(c) - g(null)), null = the zero text (and the null class for a model with
+classes); see mmd_jax.diffusion.conditioning. Without text nothing changes (no text= argument is
+passed, so denoise functions without one, e.g. the exact mixture denoiser, still work).
+
 Randomness: key = fold_in(rng, step); key_A, key_B = fold_in(key, 0), fold_in(key, 1). The
 alternating step draws its whole batch with key_B; the parameter-space step draws half A with key_A
 and half B with key_B. So an alternating step on batch B and a parameter-space step on [A; B] with
@@ -43,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mmd_jax.diffusion import process, samplers
+from mmd_jax.diffusion import conditioning, process, samplers
 from mmd_jax.diffusion.schedules import Schedule
 from mmd_jax.distill import moment_matching as mm
 from mmd_jax.training import optim
@@ -105,17 +112,26 @@ def init_distill_state(*, config, init_params, student_tx: optax.GradientTransfo
 
 
 def make_x_predictor(model, prediction: str) -> Denoise:
-  """denoise(params, z, logsnr, label, *, train=False, rng=None) -> x_hat for a flax Module with
-  the project's call signature, converting its `prediction` output with process.to_x."""
+  """denoise(params, z, logsnr, label, *, train=False, rng=None, text=None) -> x_hat for a flax
+  Module with the project's call signature, converting its `prediction` output with
+  process.to_x. text (f32[B, L, D]) is passed to the model only when given."""
   if prediction not in process.PREDICTIONS:
     raise ValueError(f"Unknown prediction {prediction!r}; choose one of {process.PREDICTIONS}.")
 
-  def denoise(params, z, logsnr, label, *, train=False, rng=None):
+  def denoise(params, z, logsnr, label, *, train=False, rng=None, text=None):
     rngs = {"dropout": rng} if rng is not None else {}
-    out = model.apply({"params": params}, z, logsnr, label, train=train, rngs=rngs)
+    kw = {} if text is None else {"text": text}
+    out = model.apply({"params": params}, z, logsnr, label, train=train, rngs=rngs, **kw)
     return process.to_x(prediction=prediction, output=out, z=z, logsnr=logsnr)
 
   return denoise
+
+
+def _call(denoise: Denoise, params, z, logsnr, label, *, train, rng, text=None):
+  """denoise(...) with text=... only when there is text."""
+  if text is None:
+    return denoise(params, z, logsnr, label, train=train, rng=rng)
+  return denoise(params, z, logsnr, label, train=train, rng=rng, text=text)
 
 
 def step_keys(rng, step):
@@ -124,15 +140,24 @@ def step_keys(rng, step):
   return jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
 
 
-def _teacher_fn(teacher_denoise, teacher_params, *, guidance, null_label):
-  def fn(z, logsnr, label):
-    return teacher_denoise(teacher_params, z, logsnr, label, train=False, rng=None)
-  return samplers.guided(fn, guidance=float(guidance), null_label=null_label)
+def _teacher_fn(teacher_denoise, teacher_params, *, guidance, null_label, text=None):
+  """fn(z, logsnr, label) -> the (guided) teacher's x_hat; with text, conditioned on it and guided
+  against the zero text (conditioning.guided)."""
+  if text is None:
+    def fn(z, logsnr, label):
+      return teacher_denoise(teacher_params, z, logsnr, label, train=False, rng=None)
+    return samplers.guided(fn, guidance=float(guidance), null_label=null_label)
+
+  def text_fn(z, logsnr, label, t):
+    return teacher_denoise(teacher_params, z, logsnr, label, train=False, rng=None, text=t)
+  return conditioning.bind_text(
+      conditioning.guided(text_fn, guidance=float(guidance), null_label=null_label), text)
 
 
-def draw(key, *, config, schedule: Schedule, denoise: Denoise, params, x, label):
+def draw(key, *, config, schedule: Schedule, denoise: Denoise, params, x, label, text=None):
   """Times, z_t, the student's x_tilde = g_eta(z_t) with its VJP, z_s and w(s) for one (half)
-  batch. Returns (dict of arrays, vjp_fn of x_tilde w.r.t. params)."""
+  batch (text: its text embeddings, or None). Returns (dict of arrays, vjp_fn of x_tilde w.r.t.
+  params)."""
   k_time, k_eps, k_zs, k_drop = jax.random.split(key, 4)
   u_t, u_s = mm.sample_times(rng=k_time, batch=x.shape[0],
                              num_student_steps=int(config.num_student_steps),
@@ -141,12 +166,12 @@ def draw(key, *, config, schedule: Schedule, denoise: Denoise, params, x, label)
   logsnr_s = mm.logsnr_of_u(u_s, schedule=schedule, spacing=config.spacing)
   z_t, _ = process.sample_z_t(rng=k_eps, x=x, logsnr=logsnr_t)
   x_tilde, vjp_fn = jax.vjp(
-      lambda p: denoise(p, z_t, logsnr_t, label, train=True, rng=k_drop), params)
+      lambda p: _call(denoise, p, z_t, logsnr_t, label, train=True, rng=k_drop, text=text), params)
   z_s = mm.sample_z_s(rng=k_zs, z_t=z_t, x_tilde=x_tilde, logsnr_s=logsnr_s, logsnr_t=logsnr_t,
                       eta=float(config.eta), unconditional=bool(config.unconditional_zs))
   w = mm.config_weight(config, logsnr_s)
-  out = dict(x=x, label=label, z_t=z_t, logsnr_t=logsnr_t, logsnr_s=logsnr_s, x_tilde=x_tilde,
-             z_s=z_s, w=w)
+  out = dict(x=x, label=label, text=text, z_t=z_t, logsnr_t=logsnr_t, logsnr_s=logsnr_s,
+             x_tilde=x_tilde, z_s=z_s, w=w)
   return out, vjp_fn
 
 
@@ -160,9 +185,10 @@ def _split_batch(batch, data_key):
   return batch[data_key], batch.get("label")
 
 
-def _check_guidance(config, null_label):
-  if float(config.guidance) != 0.0 and null_label is None:
-    raise ValueError("distill.guidance != 0 needs null_label (the model's num_classes).")
+def _check_guidance(config, null_label, use_text=False):
+  if float(config.guidance) != 0.0 and null_label is None and not use_text:
+    raise ValueError("distill.guidance != 0 needs a condition: null_label (the model's "
+                     "num_classes) or text (use_text=True).")
 
 
 def _apply_student(state, grads, student_tx, ema_decay):
@@ -180,10 +206,11 @@ def make_alternating_step(*, config, denoise: Denoise, schedule: Schedule,
                           student_tx: optax.GradientTransformation,
                           aux_tx: optax.GradientTransformation,
                           teacher_denoise: Denoise | None = None, data_key: str = "x",
-                          null_label: int | None = None):
-  """step(state, teacher_params, batch, rng) -> (state, metrics) for the alternating variant."""
+                          null_label: int | None = None, use_text: bool = False):
+  """step(state, teacher_params, batch, rng) -> (state, metrics) for the alternating variant.
+  use_text: all networks are conditioned on batch['text'] (see the module docstring)."""
   mm.validate_config(config)
-  _check_guidance(config, null_label)
+  _check_guidance(config, null_label, use_text)
   teacher_denoise = denoise if teacher_denoise is None else teacher_denoise
   terms = mm.parse_aux_terms(config.aux_terms)
   schedule_kind = config.update_schedule
@@ -193,13 +220,14 @@ def make_alternating_step(*, config, denoise: Denoise, schedule: Schedule,
     k_drop, k_data = jax.random.split(key)
 
     def loss_fn(phi):
-      g_aux = denoise(phi, d["z_s"], d["logsnr_s"], d["label"], train=True, rng=k_drop)
+      g_aux = _call(denoise, phi, d["z_s"], d["logsnr_s"], d["label"], train=True, rng=k_drop,
+                    text=d["text"])
       extra = {}
       if "data" in terms:
         w_t = mm.config_weight(config, d["logsnr_t"])
         extra = dict(x_data=d["x"], w_data=w_t,
-                     g_aux_data=denoise(phi, d["z_t"], d["logsnr_t"], d["label"], train=True,
-                                        rng=k_data))
+                     g_aux_data=_call(denoise, phi, d["z_t"], d["logsnr_t"], d["label"],
+                                      train=True, rng=k_data, text=d["text"]))
       loss = mm.aux_loss(g_aux=g_aux, x_tilde=d["x_tilde"], g_teacher=g_teacher, w=d["w"],
                          terms=terms, **extra)
       return jnp.mean(loss), g_aux
@@ -215,12 +243,13 @@ def make_alternating_step(*, config, denoise: Denoise, schedule: Schedule,
 
   def step(state: DistillState, teacher_params, batch, rng):
     x, label = _split_batch(batch, data_key)
+    text = conditioning.batch_text(batch, use_text=use_text)
     _, key = step_keys(rng, state.step)
     k_draw, k_aux = jax.random.split(key)
     teacher = _teacher_fn(teacher_denoise, teacher_params, guidance=config.guidance,
-                          null_label=null_label)
+                          null_label=null_label, text=text)
     d, vjp_fn = draw(k_draw, config=config, schedule=schedule, denoise=denoise,
-                     params=state.params, x=x, label=label)
+                     params=state.params, x=x, label=label, text=text)
     g_teacher = jax.lax.stop_gradient(teacher(d["z_s"], d["logsnr_s"], label))
 
     def update_aux(state):
@@ -245,8 +274,8 @@ def make_alternating_step(*, config, denoise: Denoise, schedule: Schedule,
         return new_state, aux_l, g_aux, aux_gn, jnp.float32(0.0)
 
       def student_branch(state):
-        g_aux = denoise(state.aux_params, d["z_s"], d["logsnr_s"], label, train=True,
-                        rng=jax.random.fold_in(k_aux, 7))
+        g_aux = _call(denoise, state.aux_params, d["z_s"], d["logsnr_s"], label, train=True,
+                      rng=jax.random.fold_in(k_aux, 7), text=text)
         aux_l = jnp.mean(mm.aux_loss(g_aux=g_aux, x_tilde=d["x_tilde"], g_teacher=g_teacher,
                                      w=d["w"], terms=tuple(t for t in terms if t != "data")))
         new_state, gn = update_student(state, g_aux)
@@ -279,7 +308,7 @@ def teacher_grad_on_samples(*, teacher_denoise: Denoise, teacher_params, d, conf
   only). Returns (g_A, loss value)."""
   def loss(theta):
     teacher = _teacher_fn(teacher_denoise, theta, guidance=config.guidance,
-                          null_label=null_label)
+                          null_label=null_label, text=d.get("text"))
     g = teacher(d["z_s"], d["logsnr_s"], d["label"])
     return jnp.mean(mm.teacher_loss_on_samples(x_tilde=d["x_tilde"], g_teacher=g, w=d["w"]))
 
@@ -290,14 +319,15 @@ def teacher_grad_on_samples(*, teacher_denoise: Denoise, teacher_params, d, conf
 def make_parameter_space_step(*, config, denoise: Denoise, schedule: Schedule,
                               student_tx: optax.GradientTransformation,
                               teacher_denoise: Denoise | None = None, data_key: str = "x",
-                              null_label: int | None = None):
+                              null_label: int | None = None, use_text: bool = False):
   """step(state, teacher_params, batch, rng, precond=None) -> (state, metrics).
 
   The batch is split into independent halves A (first half) and B (second half); precond is
   Lambda, a teacher-params-shaped tree (None = identity), see distill.preconditioners.
+  use_text: all networks are conditioned on batch['text'] (see the module docstring).
   """
   mm.validate_config(config)
-  _check_guidance(config, null_label)
+  _check_guidance(config, null_label, use_text)
   teacher_denoise = denoise if teacher_denoise is None else teacher_denoise
   ema_decay = float(config.ema_decay)
   nu_decay = float(config.nu_ema)
@@ -310,14 +340,17 @@ def make_parameter_space_step(*, config, denoise: Denoise, schedule: Schedule,
     half = n // 2
     label_a = None if label is None else label[:half]
     label_b = None if label is None else label[half:]
+    text = conditioning.batch_text(batch, use_text=use_text)
+    text_a = None if text is None else text[:half]
+    text_b = None if text is None else text[half:]
     key_a, key_b = step_keys(rng, state.step)
     k_draw_b = jax.random.split(key_b)[0]
     k_draw_a = jax.random.split(key_a)[0]
     d_a, _ = draw(k_draw_a, config=config, schedule=schedule, denoise=denoise,
-                  params=state.params, x=x[:half], label=label_a)
+                  params=state.params, x=x[:half], label=label_a, text=text_a)
     d_a = jax.tree_util.tree_map(jax.lax.stop_gradient, d_a)
     d_b, vjp_fn = draw(k_draw_b, config=config, schedule=schedule, denoise=denoise,
-                       params=state.params, x=x[half:], label=label_b)
+                       params=state.params, x=x[half:], label=label_b, text=text_b)
 
     g_a, teacher_l = teacher_grad_on_samples(teacher_denoise=teacher_denoise,
                                              teacher_params=teacher_params, d=d_a,
@@ -335,7 +368,7 @@ def make_parameter_space_step(*, config, denoise: Denoise, schedule: Schedule,
 
     def teacher_at_b(theta):
       teacher = _teacher_fn(teacher_denoise, theta, guidance=config.guidance,
-                            null_label=null_label)
+                            null_label=null_label, text=text_b)
       return teacher(d_b["z_s"], d_b["logsnr_s"], label_b)
 
     _, jvp_out = jax.jvp(teacher_at_b, (teacher_params,), (nu,))
@@ -363,7 +396,7 @@ def make_distill_step(*, config, denoise: Denoise, schedule: Schedule,
                       student_tx: optax.GradientTransformation,
                       aux_tx: optax.GradientTransformation | None = None,
                       teacher_denoise: Denoise | None = None, data_key: str = "x",
-                      null_label: int | None = None):
+                      null_label: int | None = None, use_text: bool = False):
   """The step of config.variant (see make_alternating_step / make_parameter_space_step)."""
   mm.validate_config(config)
   if config.variant == "alternating":
@@ -372,10 +405,10 @@ def make_distill_step(*, config, denoise: Denoise, schedule: Schedule,
     return make_alternating_step(config=config, denoise=denoise, schedule=schedule,
                                  student_tx=student_tx, aux_tx=aux_tx,
                                  teacher_denoise=teacher_denoise, data_key=data_key,
-                                 null_label=null_label)
+                                 null_label=null_label, use_text=use_text)
   return make_parameter_space_step(config=config, denoise=denoise, schedule=schedule,
                                    student_tx=student_tx, teacher_denoise=teacher_denoise,
-                                   data_key=data_key, null_label=null_label)
+                                   data_key=data_key, null_label=null_label, use_text=use_text)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,15 +416,27 @@ def make_distill_step(*, config, denoise: Denoise, schedule: Schedule,
 # ----------------------------------------------------------------------------------------------
 
 def make_student_sampler(*, config, denoise: Denoise, schedule: Schedule,
-                         num_steps: int | None = None, clip: float | None = None):
-  """sample(params, rng, *, shape, label=None) -> x: the k-step ancestral sampler
+                         num_steps: int | None = None, clip: float | None = None,
+                         guidance: float = 0.0, null_label: int | None = None):
+  """sample(params, rng, *, shape, label=None, text=None) -> x: the k-step ancestral sampler
   (samplers.sample with eta = config.eta and the config's grid spacing) with the student as
-  denoise_fn. Jit it with static_argnames="shape". With k = 1 it returns g_eta(z_1)."""
+  denoise_fn, conditioned on text (f32[B, L, D]) when given. Jit it with
+  static_argnames="shape". With k = 1 it returns g_eta(z_1).
+
+  The student is distilled from the guided teacher (distill.guidance) and is normally sampled
+  unguided; guidance != 0 guides the student itself against the null class `null_label` and/or
+  the zero text (conditioning.guided), for ablations."""
   k = int(config.num_student_steps if num_steps is None else num_steps)
 
-  def sample(params, rng, *, shape, label=None):
-    def fn(z, logsnr, c):
-      return denoise(params, z, logsnr, c, train=False, rng=None)
+  def sample(params, rng, *, shape, label=None, text=None):
+    if text is None and not guidance:
+      def fn(z, logsnr, c):
+        return denoise(params, z, logsnr, c, train=False, rng=None)
+    else:
+      def text_fn(z, logsnr, c, t):
+        return _call(denoise, params, z, logsnr, c, train=False, rng=None, text=t)
+      fn = conditioning.bind_text(
+          conditioning.guided(text_fn, guidance=float(guidance), null_label=null_label), text)
     return samplers.sample(denoise_fn=fn, rng=rng, shape=shape, num_steps=k, schedule=schedule,
                            eta=float(config.eta), spacing=config.spacing, label=label,
                            clip=clip)

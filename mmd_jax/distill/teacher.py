@@ -68,11 +68,16 @@ def model_mismatch(teacher_model: dict, model: dict) -> list[str]:
           if k not in ignore and norm(teacher_model.get(k)) != norm(model.get(k))]
 
 
-def load_teacher(path: str, *, config, data_shape, num_classes: int, mesh, rules) -> Teacher:
+def load_teacher(path: str, *, config, data_shape, num_classes: int, mesh, rules,
+                 text_shape=None) -> Teacher:
   """Restores the teacher's EMA parameters and optimizer state onto `mesh`.
 
-  Raises TeacherError if there is no checkpoint or its architecture differs from config.model.
+  text_shape: (tokens, width) of the text embeddings of a text-conditioned model (config.model
+  text_len, text_dim), else None.
+  Raises TeacherError if there is no checkpoint or its architecture (text input included)
+  differs from config.model.
   """
+  from mmd_jax.diffusion import conditioning
   from mmd_jax.models import build as model_build
   if not path:
     raise TeacherError("No teacher given: set --config.distill.teacher=WORKDIR (a teacher work "
@@ -88,6 +93,11 @@ def load_teacher(path: str, *, config, data_shape, num_classes: int, mesh, rules
                        "first.")
   saved = ml_collections.ConfigDict(ckpt.saved_config(step))
   diffs = model_mismatch(saved.model.to_dict(), config.model.to_dict())
+  text_diff = conditioning.text_shape_error(
+      want=conditioning.model_text_shape(saved.model), have=conditioning.model_text_shape(
+          config.model), want_what="the teacher", have_what="the config's model")
+  if text_diff:
+    diffs.insert(0, text_diff)
   if saved.data.name != config.data.name:
     diffs.append(f"data.name: teacher has {saved.data.name!r}, config has {config.data.name!r}")
   if diffs:
@@ -97,7 +107,8 @@ def load_teacher(path: str, *, config, data_shape, num_classes: int, mesh, rules
         "(the student has the teacher's architecture), or point distill.teacher elsewhere.")
   model = model_build.build_model(saved.model, data_shape=data_shape, num_classes=num_classes)
   tx = optim.make_optimizer(saved.optim, total_steps=int(saved.training.num_steps))
-  abstract = state_lib.abstract_state(model, tx, data_shape=data_shape, num_classes=num_classes)
+  abstract = state_lib.abstract_state(model, tx, data_shape=data_shape, num_classes=num_classes,
+                                      text_shape=text_shape)
   shardings = state_lib.state_shardings(abstract, mesh=mesh, rules=rules,
                                         mesh_config=config.mesh)
   state, _ = ckpt.restore(step, abstract_state=ckpt_lib.abstract_with_shardings(

@@ -17,7 +17,10 @@ Reported: per-device argument / output / temporary bytes, peak = argument + outp
 (donated) + temporary, the chip's HBM and whether the peak fits with 10% headroom, FLOPs per step
 per device, the compiler's step-time estimate ('optimal_seconds' of cost_analysis, a roofline
 estimate that ignores most overheads) and the FLOP utilisation it implies against the chip's peak
-bf16 FLOP/s. The FLOPs are the compiled program's, remat recomputation included.
+bf16 FLOP/s. The FLOPs are the compiled program's, remat recomputation included. Also the wall
+and CPU seconds of lowering and compiling: a 388M-parameter UNet step takes ~25-45 CPU minutes
+of XLA's TPU backend (code generation for ~5000 kernels; HLO passes take ~3 minutes) and ~12-20
+GB of host memory.
 """
 from __future__ import annotations
 
@@ -84,14 +87,20 @@ def topology_devices(topology: str, *, num_slices: int = 1):
 
 def shapes_from_config(config):
   """(data_shape, num_classes, data_key): config.data.image_shape / num_classes when given
-  (pod configs: no data set needed to compile), else read from the prepared data set."""
+  (pod configs: no data set needed to compile), else read from the prepared data set.
+  num_classes is the model's: 0 with model.class_conditional=False (as in the training loop)."""
   data = config.data
   if data.get("image_shape"):
-    return tuple(int(s) for s in data.image_shape), int(data.get("num_classes", 0)), "image"
-  from mmd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  info = pipeline.dataset_info(data)
-  key = "image" if info["image_shape"] is not None else "x"
-  return tuple(info["data_shape"]), int(info["num_classes"]), key
+    shape, classes, key = tuple(int(s) for s in data.image_shape), int(
+        data.get("num_classes", 0)), "image"
+  else:
+    from mmd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    info = pipeline.dataset_info(data)
+    key = "image" if info["image_shape"] is not None else "x"
+    shape, classes = tuple(info["data_shape"]), int(info["num_classes"])
+  if not config.model.get("class_conditional", True):
+    classes = 0
+  return shape, classes, key
 
 
 @dataclasses.dataclass
@@ -120,10 +129,9 @@ def _batch_args(*, batch_size, data_shape, num_classes, data_key, mesh, config):
                                           sharding=sh)}
   if num_classes > 0:
     batch["label"] = jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sh)
-  text = _text_dim(config)
-  if text:
-    batch["text"] = jax.ShapeDtypeStruct(
-        (batch_size, int(config.model.text_len), int(text)), jnp.float32, sharding=sh)
+  text_shape = _text_shape(config)
+  if text_shape:
+    batch["text"] = jax.ShapeDtypeStruct((batch_size,) + text_shape, jnp.float32, sharding=sh)
   return batch
 
 
@@ -139,7 +147,7 @@ def build_program(config, devices) -> Program:
   from mmd_jax.training import optim, steps  # pylint: disable=g-import-not-at-top
   data_shape, num_classes, data_key = shapes_from_config(config)
   model = model_build.build_model(config.model, data_shape=data_shape, num_classes=num_classes)
-  model_apply = _with_text(model, config)
+  text_shape = _text_shape(config)
   schedule = schedule_from_config(config.diffusion.schedule)
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   processes = len({getattr(d, "process_index", 0) for d in devices})
@@ -154,37 +162,33 @@ def build_program(config, devices) -> Program:
 
   if distill is None:
     tx = optim.make_optimizer(config.optim, total_steps=int(config.training.num_steps))
-    text = _text_dim(config)
     abstract, sh = layout.teacher_layout(
         model=model, tx=tx, data_shape=data_shape, num_classes=num_classes, mesh=mesh,
-        model_config=config.model, mesh_config=config.mesh,
-        text_shape=(int(config.model.text_len), text) if text else None)
+        model_config=config.model, mesh_config=config.mesh, text_shape=text_shape)
     step_fn = steps.make_teacher_step(
-        model=model_apply, tx=tx, schedule=schedule, prediction=config.model.prediction,
+        model=model, tx=tx, schedule=schedule, prediction=config.model.prediction,
         loss_weighting=config.diffusion.loss_weighting,
         sigmoid_bias=float(config.diffusion.sigmoid_bias), num_classes=num_classes,
         cond_drop_prob=float(config.diffusion.cond_drop_prob),
-        ema_decay=float(config.optim.ema_decay), data_key=data_key)
-    step_fn = _text_step(step_fn, config, model_apply)
+        ema_decay=float(config.optim.ema_decay), data_key=data_key,
+        use_text=text_shape is not None)
     jitted = layout.jit_teacher_step(step_fn, state_shardings=sh, mesh=mesh)
     state = _abstract(layout.unboxed(abstract), sh)
     return Program("teacher", jitted, (state, batch, rng), mesh, _num_params(abstract.params),
                    batch_size)
 
+  # As distill.loop.distill_and_evaluate builds and jits its step.
   from mmd_jax.distill import steps as distill_steps  # pylint: disable=g-import-not-at-top
-  if hasattr(distill_steps, "make_optimizers"):
-    student_tx, aux_tx = distill_steps.make_optimizers(distill)
-  else:
-    student_tx = optim.make_optimizer(distill.optim, total_steps=int(distill.num_steps))
-    aux_tx = student_tx if distill.variant == "alternating" else None
-  denoise = distill_steps.make_x_predictor(model_apply, config.model.prediction)
+  student_tx, aux_tx = distill_steps.make_optimizers(distill)
+  denoise = distill_steps.make_x_predictor(model, config.model.prediction)
   step_fn = distill_steps.make_distill_step(
       config=distill, denoise=denoise, schedule=schedule, student_tx=student_tx, aux_tx=aux_tx,
-      data_key=data_key, null_label=num_classes if num_classes > 0 else None)
-  step_fn = _text_step(step_fn, config, model_apply, distill=True)
+      data_key=data_key, null_label=num_classes if num_classes > 0 else None,
+      use_text=text_shape is not None)
   lay = layout.distill_layout(distill_config=distill, model=model, student_tx=student_tx,
                               aux_tx=aux_tx, data_shape=data_shape, num_classes=num_classes,
-                              mesh=mesh, model_config=config.model, mesh_config=config.mesh)
+                              mesh=mesh, model_config=config.model, mesh_config=config.mesh,
+                              text_shape=text_shape)
   with_precond = distill.variant == "parameter_space" and distill.preconditioner != "identity"
   jitted = layout.jit_distill_step(step_fn, layout=lay, mesh=mesh, with_precond=with_precond)
   state = _abstract(layout.unboxed(lay.abstract_state), lay.state)
@@ -194,67 +198,29 @@ def build_program(config, devices) -> Program:
                  _num_params(lay.abstract_teacher), batch_size)
 
 
-# ----------------------------------------------------------------------------------------------
-# Text conditioning (t2i): the batch carries text-encoder embeddings under "text"
-# ----------------------------------------------------------------------------------------------
-
-class _TextApply:
-  """Stands in for the model in the (label-only) teacher step: apply() adds text=... taken from
-  the batch (set by _text_step while tracing), with classifier-free-guidance dropout to the null
-  (all-zero) text embedding in training. Remove once training/steps.py passes batch['text']."""
-
-  def __init__(self, model, cond_drop_prob: float):
-    self.model = model
-    self.cond_drop_prob = float(cond_drop_prob)
-    self.text = None
-
-  def apply(self, variables, z, logsnr, label=None, *, train: bool, rngs=None, **kwargs):
-    text = self.text
-    if text is None:
-      raise AotError("text-conditioned model called without batch['text']")
-    if train and self.cond_drop_prob > 0 and rngs and "dropout" in rngs:
-      keep = jax.random.bernoulli(jax.random.fold_in(rngs["dropout"], 0x7E47),
-                                  1.0 - self.cond_drop_prob, (text.shape[0], 1, 1))
-      text = jnp.where(keep, text, 0.0)
-    return self.model.apply(variables, z, logsnr, label, train=train, rngs=rngs or {},
-                            text=text, **kwargs)
-
-
-def _text_dim(config) -> int:
-  return int(config.model.get("text_dim", 0)) if hasattr(config.model, "get") else 0
-
-
-def _with_text(model, config):
-  return _TextApply(model, float(config.diffusion.cond_drop_prob)) if _text_dim(config) else model
-
-
-def _text_step(step_fn, config, model_apply, distill: bool = False):
-  """Wraps the teacher step so that batch['text'] reaches the model (see _TextApply)."""
-  if not _text_dim(config):
-    return step_fn
-  if distill:
-    raise AotError("Distillation of the text-conditioned model needs text support in "
-                   "distill/steps.py; compile the teacher config (no distill section).")
-
-  def step(state, batch, rng):
-    model_apply.text = batch["text"]
-    try:
-      return step_fn(state, {k: v for k, v in batch.items() if k != "text"}, rng)
-    finally:
-      model_apply.text = None
-
-  return step
+def _text_shape(config):
+  """(model.text_len, model.text_dim) of a text-conditioned model, else None."""
+  from mmd_jax.diffusion import conditioning  # pylint: disable=g-import-not-at-top
+  return conditioning.model_text_shape(config.model)
 
 
 # ----------------------------------------------------------------------------------------------
 # Compile and report
 # ----------------------------------------------------------------------------------------------
 
-def compile_program(program: Program) -> tuple[Any, float]:
-  t0 = time.time()
+def compile_program(program: Program) -> tuple[Any, dict]:
+  """(compiled, timings): wall and CPU seconds (all threads of this process) of lowering and of
+  XLA's compile. CPU seconds are the honest cost on a shared machine, where wall time includes
+  the time the process waited for a core."""
+  w0, c0 = time.time(), time.process_time()
   with program.mesh:
-    compiled = program.jitted.lower(*program.args).compile()
-  return compiled, time.time() - t0
+    lowered = program.jitted.lower(*program.args)
+    w1, c1 = time.time(), time.process_time()
+    compiled = lowered.compile()
+  w2, c2 = time.time(), time.process_time()
+  return compiled, dict(lower_seconds=round(w1 - w0, 1), lower_cpu_seconds=round(c1 - c0, 1),
+                        compile_seconds=round(w2 - w1, 1),
+                        compile_cpu_seconds=round(c2 - c1, 1))
 
 
 def analyse(compiled, *, topology: str, devices, num_params: int, batch_size: int,
@@ -293,9 +259,10 @@ def run_aot(config, *, topology: str) -> dict:
   num_slices = math.prod(mesh_lib.dcn_shape(config.mesh))
   devices = topology_devices(topology, num_slices=num_slices)
   program = build_program(config, devices)
-  compiled, seconds = compile_program(program)
+  compiled, timings = compile_program(program)
   row = analyse(compiled, topology=topology, devices=devices, num_params=program.num_params,
-                batch_size=program.batch_size, compile_seconds=seconds)
+                batch_size=program.batch_size, compile_seconds=timings["compile_seconds"])
+  row.update(timings)
   row["program"] = program.name
   row["mesh"] = dict(program.mesh.shape)
   row["remat"] = bool(config.model.get("remat", False))
@@ -310,7 +277,9 @@ def format_row(row: dict) -> str:
       f"{row['devices_per_chip']} per chip), mesh {row['mesh']}, dtype {row['dtype']}, "
       f"remat {row['remat']}",
       f"  parameters {row['num_params'] / 1e6:.1f}M, global batch {row['batch_size']}, "
-      f"compiled in {row['compile_seconds']} s",
+      f"compiled in {row['compile_seconds']} s"
+      + (f" ({row['compile_cpu_seconds']} s CPU; lowering {row['lower_seconds']} s)"
+         if "compile_cpu_seconds" in row else ""),
       f"  per device: arguments {gib(row['argument_bytes'])}, outputs {gib(row['output_bytes'])}"
       f" (aliased {gib(row['alias_bytes'])}), temporaries {gib(row['temp_bytes'])}",
       f"  peak {gib(row['peak_bytes'])} of {gib(row['hbm_bytes'])} HBM per device: "

@@ -7,6 +7,7 @@ import os
 import jax
 from etils import epath
 
+from mmd_jax.diffusion import conditioning
 from mmd_jax.parallel import aot as aot_lib
 from mmd_jax.parallel import mesh as mesh_lib
 from mmd_jax.parallel import report
@@ -33,18 +34,17 @@ def state_decisions(config, *, axis_sizes):
   rules = model_build.logical_rules(config.model, config.mesh)
   opts = sharding_lib.options_from_config(config.mesh, model_rules=rules)
   distill = config.get("distill")
-  text = aot_lib._text_dim(config)  # pylint: disable=protected-access
-  text_shape = (int(config.model.text_len), text) if text else None
+  text_shape = conditioning.model_text_shape(config.model)
   if distill is None:
     tx = optim.make_optimizer(config.optim, total_steps=int(config.training.num_steps))
     abstract = state_lib.abstract_state(model, tx, data_shape=data_shape,
-                                        num_classes=num_classes, **_text_kw(text_shape))
+                                        num_classes=num_classes, text_shape=text_shape)
     dec = sharding_lib.decide_tree(abstract, axis_sizes=axis_sizes, **opts)
     return {"params": dec.params, "opt_state": dec.opt_state, "ema_params": dec.ema_params}
   from mmd_jax.distill import steps as distill_steps  # pylint: disable=g-import-not-at-top
   student_tx, aux_tx = distill_steps.make_optimizers(distill)
   boxed = jax.eval_shape(lambda r: state_lib.init_params(
-      model, rng=r, data_shape=data_shape, num_classes=num_classes, **_text_kw(text_shape)),
+      model, rng=r, data_shape=data_shape, num_classes=num_classes, text_shape=text_shape),
                          jax.random.PRNGKey(0))
   abstract = jax.eval_shape(lambda p: distill_steps.init_distill_state(
       config=distill, init_params=p, student_tx=student_tx, aux_tx=aux_tx), boxed)
@@ -58,10 +58,6 @@ def state_decisions(config, *, axis_sizes):
   if jax.tree_util.tree_leaves(dec.nu_ema, is_leaf=sharding_lib.is_decision):
     groups["nu_ema"] = dec.nu_ema
   return groups
-
-
-def _text_kw(text_shape):
-  return {"text_shape": text_shape} if text_shape else {}
 
 
 def print_sharding(config, *, topology=None) -> str:

@@ -60,11 +60,13 @@ class DistillLayout:
 
 
 def distill_layout(*, distill_config, model, student_tx, aux_tx=None, data_shape,
-                   num_classes: int, mesh, model_config=None, mesh_config=None) -> DistillLayout:
+                   num_classes: int, mesh, model_config=None, mesh_config=None,
+                   text_shape=None) -> DistillLayout:
   """Shardings of the distillation state and of the teacher (student = teacher architecture)."""
   from mmd_jax.distill import steps as distill_steps  # pylint: disable=g-import-not-at-top
   boxed, teacher_sh = param_layout(model=model, data_shape=data_shape, num_classes=num_classes,
-                                   mesh=mesh, model_config=model_config, mesh_config=mesh_config)
+                                   mesh=mesh, model_config=model_config, mesh_config=mesh_config,
+                                   text_shape=text_shape)
   abstract = jax.eval_shape(
       lambda p: distill_steps.init_distill_state(config=distill_config, init_params=p,
                                                  student_tx=student_tx, aux_tx=aux_tx), boxed)

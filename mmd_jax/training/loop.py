@@ -19,6 +19,7 @@ from etils import epath
 
 from mmd_jax import config_lib
 from mmd_jax.data import pipeline
+from mmd_jax.diffusion import conditioning
 from mmd_jax.diffusion.schedules import schedule_from_config
 from mmd_jax.evaluation import images as images_lib
 from mmd_jax.evaluation import pixel_metrics, sampling
@@ -61,24 +62,82 @@ def _data_key(info) -> str:
 
 
 def build_components(config):
-  """Everything derived from the config that the loop and evaluation share."""
+  """Everything derived from the config that the loop and evaluation share.
+
+  num_classes is the model's: the data set's class count, or 0 with model.class_conditional=False
+  (labels then serve only evaluation, e.g. a text-conditioned model on digits_text).
+  """
   info = pipeline.dataset_info(config.data)
   data_shape = tuple(info["data_shape"])
-  num_classes = int(info["num_classes"])
+  num_classes = int(info["num_classes"]) if config.model.get("class_conditional", True) else 0
   model = model_build.build_model(config.model, data_shape=data_shape, num_classes=num_classes)
   schedule = schedule_from_config(config.diffusion.schedule)
   return info, data_shape, num_classes, model, schedule
 
 
+def text_shape_for(config, info):
+  """The text input (tokens, width) shared by the model (model.text_len, model.text_dim) and the
+  data set (its 'text' feature), or None; a ConfigError naming both shapes if they differ. Also
+  checks config.data.image_shape (used by --mode=aot) against the data set when it is set."""
+  want_image = config.data.get("image_shape") if hasattr(config.data, "get") else None
+  if want_image and info["image_shape"] is not None and (
+      tuple(int(s) for s in want_image) != tuple(info["image_shape"])):
+    raise config_lib.ConfigError(
+        f"config.data.image_shape={tuple(want_image)} but data set {config.data.name!r} has "
+        f"images {tuple(info['image_shape'])}; set --config.data.image_shape to match.")
+  want, have = conditioning.model_text_shape(config.model), info.get("text_shape")
+  msg = conditioning.text_shape_error(
+      want=want, have=have, want_what="the model (model.text_len, model.text_dim)",
+      have_what=f"data set {config.data.name!r}")
+  if msg:
+    fix = (f"set --config.model.text_len={have[0]} --config.model.text_dim={have[1]}"
+           if have else "use a data set with a 'text' feature (e.g. data.name=digits_text) or "
+           "set model.text_dim=0")
+    raise config_lib.ConfigError(f"{msg}; {fix}.")
+  return want
+
+
+def caption_fn(text, labels, num_classes: int):
+  """text_fn for sampling.generate: the real captions samples are conditioned on. With classes,
+  the j-th sample of class c (class_labels order) gets the j-th real caption of class c
+  (cycling); without, sample p gets real caption p (cycling)."""
+  text, labels = np.asarray(text), np.asarray(labels)
+  if num_classes > 0:
+    by_class = [np.flatnonzero(labels == c) for c in range(num_classes)]
+    missing = [c for c, idx in enumerate(by_class) if len(idx) == 0]
+    if missing:
+      raise ValueError(f"no evaluation caption of class(es) {missing}.")
+
+    def fn(sample_labels, offset):
+      occurrence = (offset + np.arange(len(sample_labels))) // num_classes
+      return np.stack([text[by_class[c][j % len(by_class[c])]]
+                       for c, j in zip(np.asarray(sample_labels), occurrence)])
+  else:
+    def fn(sample_labels, offset):
+      return text[(offset + np.arange(len(sample_labels))) % len(text)]
+  return fn
+
+
+def eval_text_fn(config, *, text_shape, num_classes: int):
+  """caption_fn over the data set's real captions for a text-conditioned model that is
+  evaluated (eval.num_samples > 0), else None."""
+  if text_shape is None or config.eval.num_samples <= 0:
+    return None
+  text, labels = pipeline.load_eval_text(config.data)
+  return caption_fn(text, labels, num_classes)
+
+
 def evaluate(*, config, workdir, params, step: int, specs, sample_fn, reference, num_classes,
-             rng, tag: str):
-  """Samples each spec, computes the stand-in metrics, writes grids and eval_results.jsonl."""
+             rng, tag: str, text_fn=None):
+  """Samples each spec, computes the stand-in metrics, writes grids and eval_results.jsonl.
+  num_classes: the classes samples are balanced over (and scored against); text_fn: the captions
+  of a text-conditioned model (caption_fn)."""
   rows = []
   for spec in specs:
     t0 = time.time()
     x, labels = sampling.generate(sample_fn, params, rng=rng, num=int(config.eval.num_samples),
                                   batch_size=int(config.eval.batch_size),
-                                  num_classes=num_classes, **spec)
+                                  num_classes=num_classes, text_fn=text_fn, **spec)
     metrics = reference.evaluate(x, labels if num_classes > 0 else None) if reference else {}
     row = {"step": int(step), **spec, **metrics, "num_samples": int(len(x)),
            "metric_kind": pixel_metrics.STAND_IN_LABEL, "tag": tag,
@@ -136,6 +195,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_dict = json.loads(config_lib.to_json(config))
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   info, data_shape, num_classes, model, schedule = build_components(config)
+  text_shape = text_shape_for(config, info)
+  eval_classes = int(info["num_classes"])  # == num_classes unless model.class_conditional=False
   data_key = _data_key(info)
   periodic_specs = config_lib.parse_sampler_specs(config.eval.periodic, key="eval.periodic")
   final_specs = config_lib.parse_sampler_specs(config.eval.final, key="eval.final")
@@ -158,7 +219,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ----- state, born sharded -----
   num_steps = int(config.training.num_steps)
   tx = optim.make_optimizer(config.optim, total_steps=num_steps)
-  abstract = state_lib.abstract_state(model, tx, data_shape=data_shape, num_classes=num_classes)
+  abstract = state_lib.abstract_state(model, tx, data_shape=data_shape, num_classes=num_classes,
+                                      text_shape=text_shape)
   rules = model_build.logical_rules(config.model, config.mesh)
   shardings = state_lib.state_shardings(abstract, mesh=mesh, rules=rules, mesh_config=config.mesh)
   iterator = pipeline.make_train_iterator(
@@ -172,7 +234,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   else:
     state = state_lib.create_train_state(model, tx, rng=jax.random.PRNGKey(config.seed),
                                          data_shape=data_shape, num_classes=num_classes,
-                                         shardings=shardings)
+                                         shardings=shardings, text_shape=text_shape)
   start_step = int(jax.device_get(state.step))
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
   logging.info("model %s: %.2fM parameters", config.model.kind, n_params / 1e6)
@@ -183,7 +245,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       loss_weighting=config.diffusion.loss_weighting,
       sigmoid_bias=float(config.diffusion.sigmoid_bias), num_classes=num_classes,
       cond_drop_prob=float(config.diffusion.cond_drop_prob),
-      ema_decay=float(config.optim.ema_decay), data_key=data_key)
+      ema_decay=float(config.optim.ema_decay), data_key=data_key,
+      use_text=text_shape is not None)
   batch_sh = mesh_lib.batch_sharding(mesh)
   repl = mesh_lib.replicated(mesh)
   train_step = jax.jit(step_fn, in_shardings=(shardings, batch_sh, repl),
@@ -199,6 +262,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     reference = pixel_metrics.PixelReference(real_x, real_y, seed=int(config.seed))
     logging.info("stand-in classifier accuracy on held-out real images: %.3f",
                  reference.classifier_heldout_acc)
+  text_fn = eval_text_fn(config, text_shape=text_shape, num_classes=eval_classes)
   eval_rng = jax.random.PRNGKey(int(config.seed) + 2)
 
   def save(step):
@@ -247,7 +311,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if done % config.training.eval_every == 0 and done < num_steps and periodic_specs:
           evaluate(config=config, workdir=workdir, params=state.ema_params, step=done,
                    specs=periodic_specs, sample_fn=sample_fn, reference=reference,
-                   num_classes=num_classes, rng=eval_rng, tag="periodic")
+                   num_classes=eval_classes, rng=eval_rng, tag="periodic", text_fn=text_fn)
   finally:
     ckpt.wait()
     writer.close()
@@ -266,7 +330,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     params = state.ema_params if config.eval.use_ema else state.params
     final_rows = evaluate(config=config, workdir=workdir, params=params, step=num_steps,
                           specs=final_specs, sample_fn=sample_fn, reference=reference,
-                          num_classes=num_classes, rng=eval_rng, tag="final")
+                          num_classes=eval_classes, rng=eval_rng, tag="final", text_fn=text_fn)
     table = markdown_table(final_rows)
     if jax.process_index() == 0:
       with epath.Path(final_path).open("w") as f:

@@ -67,13 +67,15 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, *, rng, data_shape,
-                       num_classes: int, shardings):
-  """Initialises the state directly into `shardings` (born sharded).
+                       num_classes: int, shardings, text_shape=None):
+  """Initialises the state directly into `shardings` (born sharded); text_shape (tokens, width)
+  for a text-conditioned model, as in init_params.
 
   It runs once, and its per-parameter random initialisers compile several times faster at XLA
   optimisation level 0, so it is compiled that way.
   """
-  init = jax.jit(lambda r: nn.unbox(_boxed_state(model, tx, r, data_shape, num_classes)),
+  init = jax.jit(lambda r: nn.unbox(_boxed_state(model, tx, r, data_shape, num_classes,
+                                                 text_shape)),
                  out_shardings=shardings, compiler_options=FAST_COMPILE)
   return init(rng)
 

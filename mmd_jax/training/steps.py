@@ -1,7 +1,9 @@
 """The teacher's jitted train step: step(state, batch, rng) -> (state, metrics).
 
-A denoising step (Ho et al. 2020) in the configured parameterisation and weighting, with label
-dropout to the null class for classifier-free guidance (Ho & Salimans 2022), AdamW, EMA, and a
+A denoising step (Ho et al. 2020) in the configured parameterisation and weighting, with condition
+dropout for classifier-free guidance (Ho & Salimans 2022: each example's label becomes the null
+class and, for a text-conditioned model, its text embedding batch['text'] becomes the zero null
+text, both with one draw; see mmd_jax.diffusion.conditioning), AdamW, EMA, and a
 non-finite guard: a step whose loss or gradient is not finite leaves the parameters unchanged and
 records its number (1-based, like the step counter after it) in `state.nonfinite_step`, so the host can stop with the last good state.
 """
@@ -11,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mmd_jax.diffusion import process
+from mmd_jax.diffusion import conditioning, process
 from mmd_jax.diffusion.schedules import Schedule
 from mmd_jax.training import optim
 from mmd_jax.training.state import TrainState
@@ -28,8 +30,12 @@ def drop_labels(*, rng, label, num_classes: int, prob: float):
 def make_teacher_step(*, model, tx: optax.GradientTransformation, schedule: Schedule,
                       prediction: str, loss_weighting: str, sigmoid_bias: float = 0.0,
                       num_classes: int, cond_drop_prob: float, ema_decay: float,
-                      data_key: str = "image"):
-  """Returns the pure step function; jit it with shardings and donate the state."""
+                      data_key: str = "image", use_text: bool = False):
+  """Returns the pure step function; jit it with shardings and donate the state.
+
+  use_text: the model takes text embeddings (model(..., text=f32[B, L, D])), read from
+  batch['text'] and dropped to zeros jointly with the label (conditioning.drop).
+  """
 
   def loss_fn(params, batch, rng):
     x = batch[data_key]
@@ -40,11 +46,18 @@ def make_teacher_step(*, model, tx: optax.GradientTransformation, schedule: Sche
     logsnr = schedule.logsnr(t)
     z, eps = process.sample_z_t(rng=eps_rng, x=x, logsnr=logsnr)
     label = batch.get("label") if num_classes > 0 else None
-    if label is not None:
-      label = drop_labels(rng=drop_rng, label=label, num_classes=num_classes,
-                          prob=cond_drop_prob)
+    text = conditioning.batch_text(batch, use_text=use_text)
+    if text is None:
+      if label is not None:
+        label = drop_labels(rng=drop_rng, label=label, num_classes=num_classes,
+                            prob=cond_drop_prob)
+      kw = {}
+    else:
+      label, text = conditioning.drop(rng=drop_rng, label=label, text=text,
+                                      num_classes=num_classes, prob=cond_drop_prob)
+      kw = {"text": text}
     out = model.apply({"params": params}, z, logsnr, label, train=True,
-                      rngs={"dropout": dropout_rng})
+                      rngs={"dropout": dropout_rng}, **kw)
     loss = process.denoising_loss(prediction=prediction, output=out, x=x, eps=eps,
                                   logsnr=logsnr, weighting=loss_weighting, bias=sigmoid_bias)
     return jnp.mean(loss)
