@@ -59,6 +59,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.distill.optim.update(learning_rate=2e-4, warmup_steps=50)
 
   # --mode=pipeline (the default): teacher, then these students, then a comparison table.
+  # VARIANT:K[:from=VARIANT:K]; 'alternating:1:from=alternating:2' starts the k = 1 student from
+  # the trained k = 2 student (distill.init_from) instead of from the teacher.
   c.mode = "pipeline"
   c.pipeline = ml_collections.ConfigDict(dict(students="alternating:8,alternating:2"))
 

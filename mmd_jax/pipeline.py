@@ -2,6 +2,7 @@
 
   WORKDIR/teacher                      the teacher run (reused when already trained)
   WORKDIR/students/<variant>_k<k>      one distillation run per entry of config.pipeline.students
+                                       (..._from_<variant>_k<k> for a progressive entry)
   WORKDIR/comparison.{md,json,png}     every method's metrics; a row of samples per method
 
 Each stage is the ordinary command with --mode=train or --mode=distill on its own work directory,
@@ -9,8 +10,10 @@ so any stage can be rerun alone; rerunning the pipeline reuses finished stages.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 
 import jax
 import ml_collections
@@ -23,47 +26,81 @@ from mmd_jax.evaluation import pixel_metrics
 from mmd_jax.training import loop as train_loop
 
 
-def parse_students(text: str) -> list[tuple[str, int]]:
+_STUDENT_RE = re.compile(r"^(\w+):(\d+)(?::from=(\w+):(\d+))?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentStage:
+  variant: str
+  k: int
+  init_from: tuple[str, int] | None = None   # (variant, k) of an earlier entry
+
+  @property
+  def name(self) -> str:
+    base = f"{self.variant}_k{self.k}"
+    return base if self.init_from is None else f"{base}_from_{self.init_from[0]}_k{self.init_from[1]}"
+
+  @property
+  def method(self) -> str:
+    src = "" if self.init_from is None else f" (from {self.init_from[0]} k={self.init_from[1]})"
+    return f"student {self.variant}{src}"
+
+
+def parse_students(text: str) -> list[StudentStage]:
+  """config.pipeline.students: 'VARIANT:K[:from=VARIANT:K],...'. A 'from=' entry starts from the
+  EMA parameters of that earlier entry's student (distill.init_from), e.g.
+  'alternating:2,alternating:1:from=alternating:2'."""
   out = []
   for item in (text or "").split(","):
     item = item.strip()
     if not item:
       continue
-    variant, _, k = item.partition(":")
-    if not k.isdigit() or int(k) < 1:
+    m = _STUDENT_RE.match(item)
+    if not m or int(m.group(2)) < 1:
       raise config_lib.ConfigError(f"config.pipeline.students: cannot parse {item!r}; write "
-                                   "VARIANT:K, e.g. 'alternating:8,parameter_space:8'.")
-    out.append((variant, int(k)))
+                                   "VARIANT:K[:from=VARIANT:K], e.g. 'alternating:8,"
+                                   "alternating:2,alternating:1:from=alternating:2'.")
+    src = None if m.group(3) is None else (m.group(3), int(m.group(4)))
+    if src is not None and not any(s.init_from is None and (s.variant, s.k) == src for s in out):
+      raise config_lib.ConfigError(
+          f"config.pipeline.students: {item!r} starts from {src[0]}:{src[1]}, which must be an "
+          "earlier entry of the list (without from=).")
+    out.append(StudentStage(m.group(1), int(m.group(2)), src))
   return out
 
 
-def student_config(config, *, teacher_dir: str, variant: str, k: int):
+def student_config(config, *, teacher_dir: str, stage: StudentStage, students_dir: str):
   c = ml_collections.ConfigDict(config.to_dict())
   c.distill.teacher = teacher_dir
-  c.distill.variant = variant
-  c.distill.num_student_steps = k
+  c.distill.variant = stage.variant
+  c.distill.num_student_steps = stage.k
+  if stage.init_from is not None:
+    c.distill.init_from = os.path.join(students_dir, StudentStage(*stage.init_from).name)
   return c
 
 
 def stage_dirs(config, workdir):
   teacher_dir = os.path.join(workdir, "teacher")
-  students = [(v, k, os.path.join(workdir, "students", f"{v}_k{k}"))
-              for v, k in parse_students(config.pipeline.students)]
+  students = [(s, os.path.join(workdir, "students", s.name))
+              for s in parse_students(config.pipeline.students)]
   return teacher_dir, students
 
 
 def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   from mmd_jax.distill import loop as distill_loop
   teacher_dir, students = stage_dirs(config, workdir)
-  for v, k, _ in students:  # check all stages' configs before the first long stage
-    config_lib.validate(student_config(config, teacher_dir=teacher_dir, variant=v, k=k))
+  students_dir = os.path.join(workdir, "students")
+  configs = [student_config(config, teacher_dir=teacher_dir, stage=s, students_dir=students_dir)
+             for s, _ in students]
+  for c in configs:  # check all stages' configs before the first long stage
+    config_lib.validate(c)
   rows = []
   out = train_loop.train_and_evaluate(config, teacher_dir)
-  rows += [dict(r, method=f"teacher {r['sampler']}") for r in out["final_eval"]]
-  for variant, k, student_dir in students:
-    c = student_config(config, teacher_dir=teacher_dir, variant=variant, k=k)
+  rows += [dict(r, method=f"teacher {r['sampler']}", stage_dir=teacher_dir)
+           for r in out["final_eval"]]
+  for (stage, student_dir), c in zip(students, configs):
     res = distill_loop.distill_and_evaluate(c, student_dir)
-    rows += [dict(r, method=f"student {variant}") for r in res["final_eval"]]
+    rows += [dict(r, method=stage.method, stage_dir=student_dir) for r in res["final_eval"]]
   write_comparison(rows, workdir=workdir)
   return rows
 
@@ -93,9 +130,7 @@ def write_comparison(rows, *, workdir):
     json.dump(rows, f, indent=1)
   strips = []
   for r in rows:
-    stage = os.path.join(workdir, "teacher") if r["method"].startswith("teacher") else os.path.join(
-        workdir, "students", f"{r['sampler'].removeprefix('student_')}_k{r['num_steps']}")
-    path = _sample_row_path(r, stage)
+    path = _sample_row_path(r, r["stage_dir"])
     if os.path.exists(path):
       strips.append(np.load(path, allow_pickle=False))
   if strips and len({s.shape for s in strips}) == 1:

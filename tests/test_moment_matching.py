@@ -111,6 +111,42 @@ def test_student_gradient_is_weighted_jacobian_transpose_of_the_moment_gap():
                          jax.tree_util.tree_leaves(phi)[0])
 
 
+def test_alternate_schedule_host_phases_match_the_device_cond():
+  """update_schedule='alternate': the auxiliary moves on even steps, the student on odd ones;
+  the two host-dispatched programs (distill.alternate_dispatch='host') give the lax.cond
+  program's updates."""
+  model, theta = _model_and_params(0)
+  denoise = steps.make_x_predictor(model, "v")
+  sgd = optax.sgd(1.0)
+  config = _config(update_schedule="alternate")
+  assert steps.step_phases(config) == ("aux", "student")
+  assert steps.step_phases(_config(update_schedule="alternate", alternate_dispatch="device")) == (
+      None,)
+  make = lambda phase: jax.jit(steps.make_alternating_step(
+      config=config, denoise=denoise, schedule=SCHEDULE, student_tx=sgd, aux_tx=sgd,
+      null_label=NUM_CLASSES, phase=phase))
+  cond, host = make(None), [make("aux"), make("student")]
+  state = steps.init_distill_state(config=config, init_params=_perturb(theta, 1), student_tx=sgd,
+                                   aux_tx=sgd)
+  batch = {"x": jax.random.normal(jax.random.PRNGKey(3), (8, D)), "label": LABELS}
+  rng = jax.random.PRNGKey(4)
+  a, b = state, state
+  leaf = lambda tree: np.asarray(jax.tree_util.tree_leaves(tree)[0])
+  for i in range(2):
+    before = a
+    a, ma = cond(a, theta, batch, rng)
+    b, mb = host[i % 2](b, theta, batch, rng)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+    assert float(ma["student_updated"]) == float(mb["student_updated"]) == float(i % 2)
+    moved, kept = ("aux_params", "params") if i % 2 == 0 else ("params", "aux_params")
+    assert not np.allclose(leaf(getattr(a, moved)), leaf(getattr(before, moved)))
+    np.testing.assert_array_equal(leaf(getattr(a, kept)), leaf(getattr(before, kept)))
+  with pytest.raises(ValueError, match="update_schedule='alternate' only"):
+    steps.make_alternating_step(config=_config(), denoise=denoise, schedule=SCHEDULE,
+                                student_tx=sgd, aux_tx=sgd, phase="aux")
+
+
 def test_parameter_space_gradient_equals_alternating_gradient_with_instant_auxiliary():
   model, theta = _model_and_params(0)
   denoise = steps.make_x_predictor(model, "v")

@@ -98,7 +98,10 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dic
   latest = ckpt.latest_step()
   if latest is not None:
     ckpt.check_compatible(latest, config_dict)
-    saved_teacher = ckpt.saved_config(latest).get("teacher_record", {})
+    saved = ckpt.saved_config(latest)
+    saved_teacher = saved.get("teacher_record", {})
+    if saved.get("init_record"):
+      config_dict["init_record"] = saved["init_record"]  # kept in every later checkpoint
     if saved_teacher.get("fingerprint") != teacher.fingerprint:
       raise ckpt_lib.CheckpointError(
           f"{workdir} holds a student distilled from a different teacher (fingerprint "
@@ -124,16 +127,25 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dic
     iterator.set_state(data_state)
     logging.info("Resumed the student from %s/%d", ckpt.directory, latest)
   else:
+    init_params = teacher.params
+    if dcfg.get("init_from"):
+      init_params, record = teacher_lib.load_student_params(
+          dcfg.init_from, teacher=teacher, mesh=mesh, rules=rules, mesh_config=config.mesh)
+      config_dict["init_record"] = record
+      logging.info("student and auxiliary start from the %s k=%d student at %s (step %d)",
+                   record["variant"], record["num_student_steps"], record["path"],
+                   record["step"])
     state = jax.jit(lambda p: nn.unbox(init(p)), out_shardings=shardings,
-                    compiler_options=state_lib.FAST_COMPILE)(teacher.params)
+                    compiler_options=state_lib.FAST_COMPILE)(init_params)
   start_step = int(jax.device_get(state.step))
 
   # ----- step: teacher and preconditioner are sharded arguments -----
   denoise = distill_steps.make_x_predictor(model, config.model.prediction)
-  step_fn = distill_steps.make_distill_step(
+  phases = distill_steps.step_phases(dcfg)  # one program, or one per step parity
+  step_fns = [distill_steps.make_distill_step(
       config=dcfg, denoise=denoise, schedule=schedule, student_tx=student_tx, aux_tx=aux_tx,
       data_key=data_key, null_label=num_classes if num_classes > 0 else None,
-      use_text=text_shape is not None)
+      use_text=text_shape is not None, phase=phase) for phase in phases]
   batch_sh, repl = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
   teacher_sh = teacher.param_shardings
   extra_args, extra_sh = (), ()
@@ -142,8 +154,9 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dic
                               data_key=data_key, mesh=mesh, use_text=text_shape is not None)
     if precond is not None:
       extra_args, extra_sh = (precond,), (teacher_sh,)
-  train_step = jax.jit(step_fn, in_shardings=(shardings, teacher_sh, batch_sh, repl) + extra_sh,
-                       out_shardings=(shardings, repl), donate_argnums=(0,))
+  train_steps = [jax.jit(fn, in_shardings=(shardings, teacher_sh, batch_sh, repl) + extra_sh,
+                         out_shardings=(shardings, repl), donate_argnums=(0,))
+                 for fn in step_fns]
   base_rng = jax.random.PRNGKey(int(config.seed) + 11)
   writer = logging_lib.MetricWriter(workdir)
   sample_fn = make_student_sample_fn(config=config, denoise=denoise, schedule=schedule,
@@ -169,16 +182,17 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dic
     if start_step < num_steps:
       pending = next(iterator)
       t0 = time.time()
-      compiled = train_step.lower(state, teacher.params, mesh_lib.global_batch(pending, mesh=mesh),
-                                  base_rng, *extra_args).compile()
-      logging.info("distillation step compiled in %.1f s", time.time() - t0)
+      compiled = [fn.lower(state, teacher.params, mesh_lib.global_batch(pending, mesh=mesh),
+                           base_rng, *extra_args).compile() for fn in train_steps]
+      logging.info("distillation step compiled in %.1f s (%d program(s))", time.time() - t0,
+                   len(compiled))
     progress = logging_lib.Progress(start_step=start_step, total_steps=num_steps)
     with train_loop._Preemption() as preemption:  # pylint: disable=protected-access
       for step in range(start_step, num_steps):
         batch = pending if pending is not None else next(iterator)
         pending = None
-        state, metrics = compiled(state, teacher.params, mesh_lib.global_batch(batch, mesh=mesh),
-                                  base_rng, *extra_args)
+        state, metrics = compiled[step % len(compiled)](
+            state, teacher.params, mesh_lib.global_batch(batch, mesh=mesh), base_rng, *extra_args)
         done = step + 1
         if done % config.training.log_every == 0 or done == num_steps:
           scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}

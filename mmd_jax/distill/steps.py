@@ -74,6 +74,19 @@ class DistillState:
   nu_ema: Any
 
 
+
+PHASES = ("aux", "student")  # the two programs of update_schedule='alternate' on host dispatch
+
+
+def step_phases(config) -> tuple[str | None, ...]:
+  """The programs the loop compiles: ('aux', 'student') for the alternating variant's
+  'alternate' schedule with alternate_dispatch='host' (program i runs on steps with
+  step % 2 == i), else (None,), the single program."""
+  if (config.variant == "alternating" and config.update_schedule == "alternate"
+      and config.get("alternate_dispatch", "host") == "host"):
+    return PHASES
+  return (None,)
+
 def make_optimizers(config):
   """(student_tx, aux_tx) from config.optim over config.num_steps; the auxiliary's learning rate
   is scaled by config.aux_lr_scale. aux_tx is None for the parameter-space variant."""
@@ -206,11 +219,21 @@ def make_alternating_step(*, config, denoise: Denoise, schedule: Schedule,
                           student_tx: optax.GradientTransformation,
                           aux_tx: optax.GradientTransformation,
                           teacher_denoise: Denoise | None = None, data_key: str = "x",
-                          null_label: int | None = None, use_text: bool = False):
+                          null_label: int | None = None, use_text: bool = False,
+                          phase: str | None = None):
   """step(state, teacher_params, batch, rng) -> (state, metrics) for the alternating variant.
-  use_text: all networks are conditioned on batch['text'] (see the module docstring)."""
+  use_text: all networks are conditioned on batch['text'] (see the module docstring).
+
+  phase (update_schedule='alternate' only): None = one program that picks the auxiliary update
+  (even state.step) or the student update (odd) with lax.cond on the device; 'aux' or 'student'
+  = the program of that update alone, for a caller that picks by step parity on the host
+  (distill.alternate_dispatch='host'). Both give the same updates."""
   mm.validate_config(config)
   _check_guidance(config, null_label, use_text)
+  if phase not in (None,) + PHASES:
+    raise ValueError(f"phase={phase!r} is not one of {(None,) + PHASES}.")
+  if phase is not None and config.update_schedule != "alternate":
+    raise ValueError("phase applies to update_schedule='alternate' only.")
   teacher_denoise = denoise if teacher_denoise is None else teacher_denoise
   terms = mm.parse_aux_terms(config.aux_terms)
   schedule_kind = config.update_schedule
@@ -281,8 +304,12 @@ def make_alternating_step(*, config, denoise: Denoise, schedule: Schedule,
         new_state, gn = update_student(state, g_aux)
         return new_state, aux_l, g_aux, jnp.float32(0.0), gn
 
-      new_state, aux_l, g_aux, aux_gn, student_gn = jax.lax.cond(
-          state.step % 2 == 0, aux_branch, student_branch, state)
+      if phase is None:
+        new_state, aux_l, g_aux, aux_gn, student_gn = jax.lax.cond(
+            state.step % 2 == 0, aux_branch, student_branch, state)
+      else:
+        branch = aux_branch if phase == "aux" else student_branch
+        new_state, aux_l, g_aux, aux_gn, student_gn = branch(state)
       student_updated = (state.step % 2 == 1).astype(jnp.float32)
 
     metrics = {
@@ -396,7 +423,8 @@ def make_distill_step(*, config, denoise: Denoise, schedule: Schedule,
                       student_tx: optax.GradientTransformation,
                       aux_tx: optax.GradientTransformation | None = None,
                       teacher_denoise: Denoise | None = None, data_key: str = "x",
-                      null_label: int | None = None, use_text: bool = False):
+                      null_label: int | None = None, use_text: bool = False,
+                      phase: str | None = None):
   """The step of config.variant (see make_alternating_step / make_parameter_space_step)."""
   mm.validate_config(config)
   if config.variant == "alternating":
@@ -405,7 +433,7 @@ def make_distill_step(*, config, denoise: Denoise, schedule: Schedule,
     return make_alternating_step(config=config, denoise=denoise, schedule=schedule,
                                  student_tx=student_tx, aux_tx=aux_tx,
                                  teacher_denoise=teacher_denoise, data_key=data_key,
-                                 null_label=null_label, use_text=use_text)
+                                 null_label=null_label, use_text=use_text, phase=phase)
   return make_parameter_space_step(config=config, denoise=denoise, schedule=schedule,
                                    student_tx=student_tx, teacher_denoise=teacher_denoise,
                                    data_key=data_key, null_label=null_label, use_text=use_text)
