@@ -125,24 +125,60 @@ def test_same_seed_same_batches_different_seed_differs(data_dir):
   assert not np.array_equal(a[0]["image"], c[0]["image"])
 
 
-def test_two_shards_disjoint_cover_epoch_and_reshuffle(data_dir):
-  per_process = 29  # Shard 0 holds 899 = 31 * 29 records, shard 1 holds 898.
-  streams = []
+def _global_batches(cfg, shard_count, n, **kw):
+  """The first n global batches: each process's batches concatenated in process order."""
+  shards = [_take(pipeline.make_train_iterator(
+      cfg, shard_index=p, shard_count=shard_count, include_index=True, **kw), n)
+            for p in range(shard_count)]
+  return [{k: np.concatenate([s[i][k] for s in shards]) for k in shards[0][i]}
+          for i in range(n)]
+
+
+def test_global_batches_do_not_depend_on_process_count(data_dir):
+  kw = dict(global_batch_size=32, seed=0)
+  one = _global_batches(_digits(data_dir), 1, 4, **kw)
+  for shard_count in (2, 4):
+    _assert_batches_equal(_global_batches(_digits(data_dir), shard_count, 4, **kw), one)
+
+
+def test_one_process_order_is_pinned(data_dir):
+  # Published digits results were trained on this order (recorded before the global batches
+  # became process-count independent); batch 28 straddles the first epoch boundary.
+  it = pipeline.make_train_iterator(_digits(data_dir), global_batch_size=64, seed=0,
+                                    shard_index=0, shard_count=1, include_index=True)
+  batches = _take(it, 29)
+  assert batches[0]["index"][:8].tolist() == [371, 833, 10, 197, 594, 1082, 1677, 839]
+  assert batches[0]["label"][:8].tolist() == [6, 7, 6, 7, 7, 5, 2, 2]
+  assert batches[28]["index"][:8].tolist() == [128, 624, 918, 953, 1218, 433, 1614, 898]
+
+
+def test_epochs_cover_split_and_reshuffle(data_dir):
+  # 2 processes x 29 = 58 per global batch; 62 global batches = 3596 records, just over 2 epochs.
+  stream = np.concatenate([b["index"] for b in _global_batches(
+      _digits(data_dir), 2, 62, global_batch_size=58, seed=0)])
+  epoch0, epoch1 = stream[:NUM_DIGITS], stream[NUM_DIGITS:2 * NUM_DIGITS]
+  assert sorted(epoch0.tolist()) == list(range(NUM_DIGITS))  # each record once per epoch
+  assert sorted(epoch1.tolist()) == list(range(NUM_DIGITS))
+  assert not np.array_equal(epoch0, epoch1)  # a new order each epoch
+
+
+def test_state_saved_on_two_processes_resumes_on_one(data_dir):
+  kw = dict(global_batch_size=32, seed=2)
+  states = []
   for shard in range(2):
-    it = pipeline.make_train_iterator(
-        _digits(data_dir), global_batch_size=2 * per_process, seed=0,
-        shard_index=shard, shard_count=2, include_index=True)
-    streams.append(np.concatenate([b["index"] for b in _take(it, 62)]))
-  sizes = (899, 898)
-  epoch0 = [s[:n] for s, n in zip(streams, sizes)]
-  for e in epoch0:
-    assert len(set(e.tolist())) == len(e)  # No repeats within an epoch.
-  assert not set(epoch0[0].tolist()) & set(epoch0[1].tolist())
-  assert sorted(np.concatenate(epoch0).tolist()) == list(range(NUM_DIGITS))
-  # Second epoch of shard 0: same records, new order.
-  epoch1 = streams[0][899:1798]
-  assert sorted(epoch1.tolist()) == sorted(epoch0[0].tolist())
-  assert not np.array_equal(epoch1, epoch0[0])
+    it = pipeline.make_train_iterator(_digits(data_dir), shard_index=shard, shard_count=2, **kw)
+    _take(it, 3)
+    states.append(json.loads(json.dumps(it.get_state())))
+  assert states[0] == states[1] and states[0]["shard_count"] == 2
+  expected = _global_batches(_digits(data_dir), 1, 5, **kw)[3:]
+  resumed = pipeline.make_train_iterator(
+      _digits(data_dir), shard_index=0, shard_count=1, include_index=True, **kw)
+  resumed.set_state(states[0])
+  _assert_batches_equal(_take(resumed, 2), expected)
+  other = pipeline.make_train_iterator(_digits(data_dir), global_batch_size=64, seed=2,
+                                       shard_index=0, shard_count=1)
+  with pytest.raises(ValueError, match="global_batch_size: saved 32 vs now 64"):
+    other.set_state(states[0])
 
 
 def test_resume_from_state_matches_uninterrupted(data_dir):
@@ -291,7 +327,14 @@ def test_gmm_pipeline_iterator_resume_and_shards(tmp_path):
 
   other_shard = pipeline.make_train_iterator(cfg, shard_index=1, **kw)
   other_shard.set_state(state)
-  assert not np.array_equal(next(other_shard)["x"], expected[0]["x"])
+  second_half = next(other_shard)
+  assert not np.array_equal(second_half["x"], expected[0]["x"])
+  # The same global batches on one process, resumed from the two-process state.
+  one = pipeline.make_train_iterator(cfg, global_batch_size=8, seed=5, shard_index=0,
+                                     shard_count=1)
+  one.set_state(state)
+  _assert_batches_equal(
+      [next(one)], [{k: np.concatenate([expected[0][k], second_half[k]]) for k in second_half}])
   with pytest.raises(ValueError, match=r"global_batch_size=9.*shard_count=2"):
     pipeline.make_train_iterator(cfg, global_batch_size=9, seed=0,
                                  shard_index=0, shard_count=2)

@@ -1,13 +1,19 @@
-"""Two processes on 127.0.0.1 (jax.distributed, 4 fake CPU devices each) train with FSDP over all
-8 devices, write a checkpoint together and are killed; one process with 8 devices restores it on
-a different mesh and continues with the losses and parameters of an uninterrupted run.
+"""Two processes on 127.0.0.1 (jax.distributed, 4 fake CPU devices each) run the real training
+loop (`python -m mmd_jax.main --mode=train` on configs/digits.py:test) with FSDP over all 8
+devices, so each process holds half of every sharded array; they write a checkpoint together and
+are killed with SIGKILL. One process with 8 devices then resumes that work directory through the
+same loop and finishes with the losses and parameters of an uninterrupted one-process 8-device
+run.
 
-The workers are this file run as a script (`python tests/test_multiprocess.py ROLE ...`), so each
-gets its own XLA_FLAGS before jax is imported. Every wait is bounded.
+All runs use the FSDP mesh (data=1, fsdp=8): on a data-parallel mesh Orbax saves replicated
+arrays in slices, and its first save costs ~10 CPU-seconds here. Restoring onto another mesh is
+tested in test_sharding.py. The uninterrupted reference runs alongside the two workers (the
+machine has 2 cores; running it afterwards would leave one idle), and the resumed run reuses its
+compiled train step from the session's compilation cache. Every wait is bounded.
 """
 import json
 import os
-import signal
+import re
 import socket
 import subprocess
 import sys
@@ -15,123 +21,26 @@ import time
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GLOBAL_BATCH = 16
-DIM = 16
-CKPT_STEP = 3
-TOTAL_STEPS = 6
+from tests import helpers
 
+# configs/digits.py:test checkpoints every 3 steps: at 3, 6 and 8. After the first one the workers
+# still have 5 steps and 2 saves to go, ample time to kill them before they finish.
+NUM_STEPS = 8
+COMMON = (f"--config={helpers.DIGITS}:test", "--mode=train",
+          f"--config.training.num_steps={NUM_STEPS}", "--config.training.log_every=1",
+          "--config.eval.final=", "--config.eval.periodic=", "--config.eval.num_samples=0",
+          "--config.mesh.data=1", "--config.mesh.fsdp=8")
+# Each run (the workers up to their checkpoint, the reference, the resumed run) must end within
+# this many seconds of its start: a bound against hangs, generous for a loaded 2-core machine.
+RUN_TIMEOUT_S = 600
+# float32 on CPU: the two-process run reduces across processes (gloo), in another order than one
+# process does. Losses and gradient norms then differ by ~1e-7 relative. Parameters are compared as a whole: Adam turns rounding-level gradients of
+# parameters that barely matter (e.g. biases whose gradient is ~0) into steps of ~learning rate,
+# so single elements differ by up to ~2e-4 while the whole vector differs by ~2e-5 relative
+# (one training step changes it by ~2e-3).
+LOSS_RTOL = 1e-5
+PARAMS_RTOL = 2e-4
 
-# ----------------------------------------------------------------------------------------------
-# Worker side
-# ----------------------------------------------------------------------------------------------
-
-def _setup(mesh_shape):
-  """Model, step, mesh and born-sharded-state factory shared by both roles."""
-  import jax
-  import ml_collections
-  import optax
-
-  from mmd_jax.diffusion.schedules import Schedule
-  from mmd_jax.models import build as model_build
-  from mmd_jax.parallel import layout
-  from mmd_jax.parallel import mesh as mesh_lib
-  from mmd_jax.training import state as state_lib
-  from mmd_jax.training import steps
-
-  model_cfg = ml_collections.ConfigDict(dict(kind="mlp", hidden=32, depth=2, dropout=0.0))
-  model = model_build.build_model(model_cfg, data_shape=(DIM,), num_classes=0)
-  tx = optax.adam(1e-2, eps=1e-3)
-  mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(
-      dict(zip(("data", "fsdp", "tensor"), mesh_shape))))
-  abstract, sh = layout.teacher_layout(model=model, tx=tx, data_shape=(DIM,), num_classes=0,
-                                       mesh=mesh, model_config=model_cfg)
-  step_fn = steps.make_teacher_step(model=model, tx=tx, schedule=Schedule(), prediction="v",
-                                    loss_weighting="v", num_classes=0, cond_drop_prob=0.0,
-                                    ema_decay=0.9, data_key="x")
-  step = layout.jit_teacher_step(step_fn, state_shardings=sh, mesh=mesh)
-
-  def fresh_state():
-    return state_lib.create_train_state(model, tx, rng=jax.random.PRNGKey(0), data_shape=(DIM,),
-                                        num_classes=0, shardings=sh)
-
-  def batch(i):
-    """This process's rows of the global batch of step i (same data whatever the layout)."""
-    rows = np.random.default_rng(100 + i).standard_normal((GLOBAL_BATCH, DIM)).astype(np.float32)
-    per = GLOBAL_BATCH // jax.process_count()
-    local = rows[jax.process_index() * per:(jax.process_index() + 1) * per]
-    return mesh_lib.global_batch({"x": local}, mesh=mesh)
-
-  return abstract, sh, step, fresh_state, batch
-
-
-def _train_steps(state, step, batch, first, last, losses):
-  import jax
-  for i in range(first, last):
-    state, metrics = step(state, batch(i), jax.random.PRNGKey(1))
-    losses.append(float(metrics["loss"]))
-  return state
-
-
-def _flat_params(state):
-  import jax
-  return [np.asarray(x).tolist() for x in
-          jax.tree_util.tree_leaves(jax.device_get(state.params))]
-
-
-def worker_train(workdir, coordinator, process_id):
-  """Process `process_id` of 2: steps 1..3, checkpoint at 3, then keeps training until killed."""
-  from mmd_jax.parallel import distributed
-  distributed.initialize(coordinator_address=coordinator, num_processes=2,
-                         process_id=process_id, timeout_s=60)
-  import jax
-  from mmd_jax.training import checkpoint as ckpt_lib
-  info = distributed.log_topology()
-  assert info["process_count"] == 2 and info["global_devices"] == 8, info
-  _, sh, step, fresh_state, batch = _setup((1, 8, 1))  # FSDP across both processes
-  state = fresh_state()
-  kernel = jax.tree_util.tree_leaves(state.params)[1]
-  assert len(kernel.sharding.device_set) == 8 and not kernel.is_fully_addressable
-  losses = []
-  state = _train_steps(state, step, batch, 0, CKPT_STEP, losses)
-  ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=2)
-  ckpt.save(CKPT_STEP, state=state, data_state={"next_batch": CKPT_STEP},
-            config_dict={"test": "multiprocess"})
-  ckpt.wait()
-  with open(os.path.join(workdir, f"losses_{process_id}.json"), "w") as f:
-    json.dump({"losses": losses, "info": info}, f)
-  print(f"SAVED {CKPT_STEP}", flush=True)
-  for _ in range(600):  # keep the collectives busy until the test kills this process
-    state, _ = step(state, batch(0), jax.random.PRNGKey(1))
-    jax.block_until_ready(state.step)
-    time.sleep(0.05)
-
-
-def worker_resume(workdir):
-  """One process, 8 devices, mesh (4, 2, 1): restore step 3 and continue; also the reference."""
-  import jax
-  import flax.linen as nn
-  from mmd_jax.training import checkpoint as ckpt_lib
-  abstract, sh, step, fresh_state, batch = _setup((4, 2, 1))
-  ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=2)
-  assert ckpt.latest_step() == CKPT_STEP, ckpt.latest_step()
-  target = ckpt_lib.abstract_with_shardings(nn.unbox(abstract), sh)
-  state, data_state = ckpt.restore(CKPT_STEP, abstract_state=target)
-  assert int(state.step) == CKPT_STEP and data_state == {"next_batch": CKPT_STEP}
-  resumed = []
-  state = _train_steps(state, step, batch, CKPT_STEP, TOTAL_STEPS, resumed)
-  reference = []
-  ref_state = _train_steps(fresh_state(), step, batch, 0, TOTAL_STEPS, reference)
-  out = {"resumed": resumed, "reference": reference, "params": _flat_params(state),
-         "reference_params": _flat_params(ref_state), "devices": jax.device_count()}
-  with open(os.path.join(workdir, "resume.json"), "w") as f:
-    json.dump(out, f)
-  print("RESUMED", flush=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# Test side
-# ----------------------------------------------------------------------------------------------
 
 def _free_port():
   with socket.socket() as s:
@@ -139,81 +48,108 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _spawn(args, devices, log_path):
+def _spawn(workdir, data_dir, flags, *, devices, log_path):
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
+                      "--xla_backend_optimization_level=0")
   env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-  log = open(log_path, "w")
-  return subprocess.Popen([sys.executable, os.path.abspath(__file__), *args], cwd=REPO, env=env,
-                          stdout=log, stderr=subprocess.STDOUT), log
+  cmd = [sys.executable, "-m", "mmd_jax.main", *COMMON, f"--workdir={workdir}",
+         f"--config.data.data_dir={data_dir}", *flags]
+  with open(log_path, "w") as log:
+    return subprocess.Popen(cmd, cwd=helpers.REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def _wait_for(predicate, procs, timeout, what, logs):
+def _tails(logs):
+  return "\n".join(f"--- {l}\n" + open(l).read()[-3000:] for l in logs)
+
+
+def _wait_for_checkpoint(ckpt_dir, procs, logs, timeout):
   t0 = time.time()
   while time.time() - t0 < timeout:
-    if predicate():
+    if os.path.isdir(ckpt_dir) and any(s.isdigit() for s in os.listdir(ckpt_dir)):
       return
-    for p in procs:
-      if p.poll() is not None and p.returncode != 0:
-        break
-    else:
-      time.sleep(0.2)
-      continue
-    break
-  tails = "\n".join(f"--- {l}\n" + open(l).read()[-3000:] for l in logs)
-  raise AssertionError(f"{what} did not happen within {timeout} s (or a worker died):\n{tails}")
+    if any(p.poll() is not None for p in procs):
+      raise AssertionError(f"a worker ended before the first checkpoint:\n{_tails(logs)}")
+    time.sleep(0.05)
+  raise AssertionError(f"no checkpoint within {timeout} s:\n{_tails(logs)}")
 
 
-def test_two_processes_checkpoint_then_resume_on_one_process(tmp_path):
-  workdir = str(tmp_path / "run")
-  os.makedirs(workdir)
+def _finish(proc, log, timeout):
+  try:
+    proc.wait(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    raise AssertionError(f"run did not finish within {timeout} s:\n{_tails([log])}") from None
+  assert proc.returncode == 0, _tails([log])
+  return open(log).read()
+
+
+def _metrics(workdir):
+  return [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def _logged_losses(log_text):
+  """{step: loss text} from the progress lines every process prints."""
+  return dict(re.findall(rf"step (\d+)/{NUM_STEPS} .* loss (\S+)", log_text))
+
+
+def test_two_processes_checkpoint_then_resume_on_one_process(tmp_path, data_dir):
+  work, ref = str(tmp_path / "run"), str(tmp_path / "ref")
+  ckpt_dir = os.path.join(work, "checkpoints")
   coordinator = f"127.0.0.1:{_free_port()}"
-  logs = [str(tmp_path / f"worker{i}.log") for i in range(2)]
-  procs, files = [], []
+  logs = {name: str(tmp_path / f"{name}.log") for name in ("worker0", "worker1", "ref", "resume")}
+  procs = {}
+  start = time.monotonic()
   try:
     for i in range(2):
-      p, f = _spawn(["train", workdir, coordinator, str(i)], 4, logs[i])
-      procs.append(p)
-      files.append(f)
-    saved = lambda: all("SAVED" in open(l).read() for l in logs)
-    _wait_for(saved, procs, 90, "the two-process checkpoint", logs)
-    assert all(p.poll() is None for p in procs)  # still training: killed, not finished
+      procs[f"worker{i}"] = _spawn(
+          work, data_dir, (f"--coordinator_address={coordinator}", "--num_processes=2",
+                           f"--process_id={i}", "--distributed_timeout_s=120"),
+          devices=4, log_path=logs[f"worker{i}"])
+    procs["ref"] = _spawn(ref, data_dir, (), devices=8, log_path=logs["ref"])
+    workers = [procs["worker0"], procs["worker1"]]
+    worker_logs = [logs["worker0"], logs["worker1"]]
+    _wait_for_checkpoint(ckpt_dir, workers, worker_logs, RUN_TIMEOUT_S)
+    still_training = [p.poll() is None for p in workers]
+    for p in workers:
+      p.kill()
+      p.wait(timeout=60)
+    assert all(still_training), "a worker finished before it was killed"
+    saved = sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
+    assert saved and max(saved) < NUM_STEPS, saved
+    before_resume = _metrics(work)
+
+    ref_left = max(1, RUN_TIMEOUT_S - (time.monotonic() - start))
+    ref_log = _finish(procs["ref"], logs["ref"], ref_left)
+    procs["resume"] = _spawn(work, data_dir, (), devices=8, log_path=logs["resume"])
+    resume_log = _finish(procs["resume"], logs["resume"], RUN_TIMEOUT_S)
   finally:
-    for p in procs:
+    for p in procs.values():
       if p.poll() is None:
-        p.send_signal(signal.SIGKILL)
-      p.wait(timeout=30)
-    for f in files:
-      f.close()
-  runs = [json.load(open(os.path.join(workdir, f"losses_{i}.json"))) for i in range(2)]
-  assert runs[0]["losses"] == runs[1]["losses"]
-  assert [r["info"]["process_index"] for r in runs] == [0, 1]
-  assert all(r["info"]["local_devices"] == 4 for r in runs)
+        p.kill()
+        p.wait(timeout=60)
 
-  log = str(tmp_path / "resume.log")
-  proc, f = _spawn(["resume", workdir], 8, log)
-  try:
-    proc.wait(timeout=90)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait(timeout=30)
-    f.close()
-  assert proc.returncode == 0, open(log).read()[-3000:]
-  out = json.load(open(os.path.join(workdir, "resume.json")))
-  assert out["devices"] == 8
-  np.testing.assert_allclose(runs[0]["losses"], out["reference"][:CKPT_STEP], rtol=1e-5)
-  np.testing.assert_allclose(out["resumed"], out["reference"][CKPT_STEP:], rtol=1e-5)
-  for a, b in zip(out["params"], out["reference_params"]):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  worker_text = [open(l).read() for l in worker_logs]
+  for i, text in enumerate(worker_text):
+    assert f"process {i}/2: 4 local / 8 global cpu devices" in text
+    assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in text
+  losses = [_logged_losses(t) for t in worker_text]
+  common = set(losses[0]) & set(losses[1])
+  assert common and all(losses[0][s] == losses[1][s] for s in common)
+  assert "process 0/1, 8 local / 8 global devices, mesh {'data': 1, 'fsdp': 8" in resume_log
+  assert f"Resumed from {ckpt_dir}/{max(saved)}" in resume_log
+  assert "Resumed from" not in ref_log
 
-
-if __name__ == "__main__":
-  role = sys.argv[1]
-  if role == "train":
-    worker_train(sys.argv[2], sys.argv[3], int(sys.argv[4]))
-  elif role == "resume":
-    worker_resume(sys.argv[2])
-  else:
-    raise SystemExit(f"unknown role {role!r}")
+  reference = {m["step"]: m for m in _metrics(ref)}
+  assert sorted(reference) == list(range(1, NUM_STEPS + 1))
+  resumed = _metrics(work)[len(before_resume):]
+  assert [m["step"] for m in resumed] == list(range(max(saved) + 1, NUM_STEPS + 1))
+  assert [m["step"] for m in before_resume][:max(saved)] == list(range(1, max(saved) + 1))
+  for m in before_resume + resumed:  # the two-process steps, then the resumed ones
+    for key in ("loss", "grad_norm"):
+      np.testing.assert_allclose(m[key], reference[m["step"]][key], rtol=LOSS_RTOL,
+                                 err_msg=f"{key} at step {m['step']}")
+  got, want = helpers.final_params(work, NUM_STEPS), helpers.final_params(ref, NUM_STEPS)
+  assert [a.shape for a in got] == [b.shape for b in want]
+  diff = np.sqrt(sum(np.sum((a - b).astype(np.float64) ** 2) for a, b in zip(got, want)))
+  norm = np.sqrt(sum(np.sum(b.astype(np.float64) ** 2) for b in want))
+  assert diff <= PARAMS_RTOL * norm, diff / norm

@@ -36,21 +36,29 @@ comes out as batch["text"] f32[b, L, D]; dataset_info reports its shape as
 of classifier-free guidance (see mmd_jax.diffusion.conditioning).
 
 Train stream (per process, grain MapDataset):
-    source -> [shard_index::shard_count] -> shuffle(seed') -> repeat() ->
-    batch(global_batch_size // shard_count, drop_remainder) -> to float
-Each process reads a fixed, disjoint 1/shard_count of the records, reshuffled
-every epoch deterministically (epoch e uses a permutation derived from seed and
-e). Batches straddle epoch boundaries, so no record is dropped. No worker
-processes are used; optional reader threads do not affect the order.
+    source -> shuffle(seed') -> repeat() ->
+    batch(b = global_batch_size // shard_count, drop_remainder) ->
+    [shard_index::shard_count] -> to float
+The whole split is reshuffled every epoch deterministically (epoch e uses a
+permutation derived from seed and e) and cut into blocks of b records; process
+p takes blocks p, p + P, p + 2P, ... (P = shard_count). So global batch i, the
+processes' i-th batches concatenated in process order, is records
+[i * G, (i + 1) * G) of the shuffled stream (G = global_batch_size) for every
+P: the global batch sequence does not depend on the process count, and with
+one process it is the stream of earlier versions of this module. Batches
+straddle epoch boundaries, so no record is dropped. No worker processes are
+used; optional reader threads do not affect the order.
 
 Iterator state (get_state) is a small JSON-able dict such as
     {"kind": "tfds", "dataset": "mmd_digits", "split": "train", "seed": 0,
      "global_batch_size": 64, "shard_count": 1, "grain": {"next_index": 12}}
-It contains no process index and is identical on every process (all processes
-draw the same number of batches), so saving process 0's copy is enough.
-set_state refuses a state from a different dataset/split/seed/batch
-size/process count with a ValueError. Determinism is guaranteed for a fixed
-grain version (0.2.18) and dataset preparation.
+next_index counts global batches drawn. The state contains no process index
+and is identical on every process (all processes draw the same number of
+batches), so saving process 0's copy is enough, and it restores on any process
+count (shard_count is informational): a run checkpointed on 2 hosts resumes on
+1 with the same global batches. set_state refuses a state from a different
+dataset/split/seed/global batch size with a ValueError. Determinism is
+guaranteed for a fixed grain version (0.2.18) and dataset preparation.
 """
 
 from __future__ import annotations
@@ -260,7 +268,7 @@ class _GrainTrainIterator(TrainIterator):
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     sources.check_state_matches(
-        state, dict(self._identity, grain=None), ignore=("grain",)
+        state, dict(self._identity, grain=None), ignore=("grain", "shard_count")
     )
     self._iterator.set_state(state["grain"])
 
@@ -368,11 +376,8 @@ def make_train_iterator(
   _, num_classes = _image_layout(src)
   has_text = _text_shape(src) is not None
   num_records = len(src.source)
-  if num_records < shard_count:
-    raise ValueError(
-        f"dataset {src.name!r} split {src.split!r} has {num_records} records, "
-        f"fewer than shard_count={shard_count}."
-    )
+  if num_records < 1:
+    raise ValueError(f"dataset {src.name!r} split {src.split!r} has no records.")
 
   def select(index, record):
     # Later epochs ask the source for index + epoch * num_records.
@@ -380,9 +385,11 @@ def make_train_iterator(
                    include_index=include_index, has_text=has_text)
 
   ds = grain.MapDataset.source(src.source).map_with_index(select)
-  ds = ds[shard_index::shard_count]
   ds = ds.shuffle(seed=_shuffle_seed(seed)).repeat(None)
-  ds = ds.batch(per_process, drop_remainder=True).map(_to_model_batch)
+  # Sharding whole per-process batches after the shuffle keeps the global
+  # batches independent of shard_count (see the module docstring).
+  ds = ds.batch(per_process, drop_remainder=True)
+  ds = ds[shard_index::shard_count].map(_to_model_batch)
   read_options = grain.ReadOptions(
       num_threads=int(_get(config_data, "num_threads", 2)),
       prefetch_buffer_size=int(_get(config_data, "prefetch_buffer_size", 4)),

@@ -623,11 +623,15 @@ def check_seed(seed: Any) -> int:
 class GaussianMixtureIterator:
   """Infinite, checkpointable, sharded batch iterator over a GaussianMixture.
 
-  Batch `step` of shard `shard_index` is drawn from a numpy generator seeded
-  with the SeedSequence fold-in (seed, step, shard_index), so batches are
-  independent of how many were drawn before and of the other shards.
+  Global batch `step` (G = global_batch_size samples) is drawn from a numpy
+  generator seeded with the SeedSequence fold-in (seed, step, 0), so batches
+  are independent of how many were drawn before; shard p of P gets its rows
+  [p * G / P, (p + 1) * G / P). Every process draws the whole global batch
+  (cheap for low-dimensional data) so that the global batches, and the
+  meaning of the state, do not depend on the process count.
   State: {"kind": "gmm", "seed", "global_batch_size", "shard_count", "step"};
-  it is the same on every process, so saving process 0's state suffices.
+  it is the same on every process, so saving process 0's state suffices, and
+  it restores on any process count (shard_count is informational).
   """
 
   def __init__(
@@ -651,9 +655,14 @@ class GaussianMixtureIterator:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng([self.seed, self._step, self.shard_index])
+    # The constant 0 (formerly the shard index) keeps one-process streams as
+    # they were before the global batch became process-count independent.
+    rng = np.random.default_rng([self.seed, self._step, 0])
     self._step += 1
-    return self.mixture.sample(rng, self.per_process_batch_size)
+    batch = self.mixture.sample(rng, self.global_batch_size)
+    rows = slice(self.shard_index * self.per_process_batch_size,
+                 (self.shard_index + 1) * self.per_process_batch_size)
+    return {k: v[rows] for k, v in batch.items()}
 
   def get_state(self) -> dict[str, Any]:
     return {
@@ -665,7 +674,7 @@ class GaussianMixtureIterator:
     }
 
   def set_state(self, state: Mapping[str, Any]) -> None:
-    check_state_matches(state, self.get_state(), ignore=("step",))
+    check_state_matches(state, self.get_state(), ignore=("step", "shard_count"))
     step = state["step"]
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
       raise ValueError(f"iterator state 'step' must be an int >= 0, got {step!r}.")
@@ -696,5 +705,5 @@ def check_state_matches(
         "iterator state was saved for a different input stream ("
         + "; ".join(diffs)
         + "); resuming would not reproduce the same batches. Restore with the "
-        "same dataset, split, seed, global batch size and process count."
+        "same dataset, split, seed and global batch size."
     )
