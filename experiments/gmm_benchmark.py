@@ -38,9 +38,9 @@ value, ...}}, "summary": {...mean/std over seeds...}, "settings": {...}}; for a 
 scatter plot next to it (<out>.png).
 
 Row overrides (--extra, ';'-separated): "<alt|alt_mlp|ps|ps_mixture>:k=<k>[:field=value...]" with
-fields of the distill config (moment_matching.default_config()) or init_from=<an earlier row>
-(initialise student and auxiliary from that row's trained student), e.g.
-"alt:k=1:time_sampling=continuous;ps:k=8:nu_ema=0.0".
+fields of the distill config (moment_matching.default_config()), init_from=<an earlier row>
+(initialise student and auxiliary from that row's trained student) or seeds=<n> (repeat the row
+over distillation seeds 0..n-1), e.g. "alt:k=1:time_sampling=continuous:seeds=3;ps:k=8:nu_ema=0.0".
 """
 from __future__ import annotations
 
@@ -176,7 +176,8 @@ def teacher_sampler(denoise, schedule, *, num_steps, eta, n, dim):
 
 
 def parse_extra(spec: str):
-  """'alt:k=1:time_sampling=continuous;ps:k=8:nu_ema=0' -> [(kind, k, {field: value})]."""
+  """'alt:k=1:time_sampling=continuous:seeds=3;ps:k=8:nu_ema=0' ->
+  [(kind, k, {field: value}, seeds)]."""
   out = []
   defaults = mm.default_config()
   for item in filter(None, (s.strip() for s in spec.split(";"))):
@@ -184,11 +185,14 @@ def parse_extra(spec: str):
     kind = parts[0]
     if kind not in KINDS:
       raise ValueError(f"--extra row {item!r}: kind must be one of {KINDS}.")
-    k, overrides = None, {}
+    k, seeds, overrides = None, 1, {}
     for p in parts[1:]:
       name, _, value = p.partition("=")
       if name == "k":
         k = int(value)
+        continue
+      if name == "seeds":
+        seeds = int(value)
         continue
       if name == "init_from":
         overrides[name] = value
@@ -204,7 +208,9 @@ def parse_extra(spec: str):
         overrides[name] = value
     if k is None:
       raise ValueError(f"--extra row {item!r} needs k=<steps>.")
-    out.append((kind, k, overrides))
+    if seeds < 1:
+      raise ValueError(f"--extra row {item!r}: seeds must be >= 1.")
+    out.append((kind, k, overrides, seeds))
   return out
 
 
@@ -614,9 +620,11 @@ def main(argv=None):
   if "uncond" in groups:
     for seed in range(args.seeds):
       jobs.append((f"uncond_zs/k=8/seed={seed}", "alt", 8, seed, {"unconditional_zs": True}))
-  for kind, k, overrides in args.extra_rows:
+  for kind, k, overrides, seeds in args.extra_rows:
     tag = ",".join(f"{a}={str(b).replace('/', '|')}" for a, b in overrides.items())
-    jobs.append((f"{kind}[{tag}]/k={k}", kind, k, 0, overrides))
+    for seed in range(seeds):
+      suffix = f"/seed={seed}" if seeds > 1 else ""
+      jobs.append((f"{kind}[{tag}]/k={k}{suffix}", kind, k, seed, overrides))
 
   trained = {}
   for name, kind, k, seed, overrides in jobs:

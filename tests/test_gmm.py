@@ -74,3 +74,22 @@ def test_log_prob_matches_direct_density_and_is_differentiable_in_the_parameters
 def test_bad_mixture_is_a_clear_error():
   with pytest.raises(ValueError, match="means"):
     gmm.gmm_params(types.SimpleNamespace(weights=[1.0], means=[0.0], stds=[1.0]))
+
+
+def test_benchmark_extra_rows_parse_fields_seeds_and_errors():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
+                      "gmm_benchmark.py")
+  spec = importlib.util.spec_from_file_location("gmm_benchmark", path)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  rows = bench.parse_extra("alt:k=1:time_sampling=continuous:seeds=3; ps:k=8:nu_ema=0.5:eta=0")
+  assert rows == [("alt", 1, {"time_sampling": "continuous"}, 3),
+                  ("ps", 8, {"nu_ema": 0.5, "eta": 0.0}, 1)]
+  with pytest.raises(ValueError, match="unknown distill field 'bogus'"):
+    bench.parse_extra("alt:k=8:bogus=1")
+  with pytest.raises(ValueError, match="needs k="):
+    bench.parse_extra("alt:eta=0.5")
+  with pytest.raises(ValueError, match="seeds must be >= 1"):
+    bench.parse_extra("alt:k=2:seeds=0")
