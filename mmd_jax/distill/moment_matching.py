@@ -59,7 +59,8 @@ def default_config() -> ml_collections.ConfigDict:
                      conditional run on a slow generic kernel (a digits step was 8x slower).
   time_sampling      'grid' (default) or 'continuous'; see the module docstring. 16-D GMM,
                      3000 steps (README): k = 8 grid -0.0007 vs continuous 0.0046 energy; k = 1
-                     from the regressed teacher grid collapses (6.16), continuous does not (0.030).
+                     from the regressed teacher grid collapses (6.15 over 3 seeds), continuous
+                     does not (0.031); on the 2-D spec grid is fine at k = 1 (0.0021).
   weighting          w(s): 'auto' (default: 'constant' for k <= 2, else 'snr_plus_one'),
                      'snr_plus_one', 'constant', 'sigmoid', 'teacher'. On the GMM benchmark
                      (2000 steps) snr_plus_one made teacher-initialised k = 1 students collapse
@@ -67,7 +68,8 @@ def default_config() -> ml_collections.ConfigDict:
                      dominates the single step's range; 'constant' avoided it on the 2-D mixture
                      only: also initialise k = 1 from a k = 2 student, see steps.py) and was
                      3.9x worse at k = 2 (energy 0.066 vs 0.017, 16-D; but at 3000 steps it was
-                     better: 0.0018 vs 0.0089, one seed, README); at k = 4, 8 both reach
+                     0.0018 vs 0.0089 on seed 0, but over 3 seeds 0.025 vs 0.020 mean, README);
+                     at k = 4, 8 both reach
                      the noise floor in energy and snr_plus_one keeps the within-mode spread
                      (mean log-likelihood -1.0 vs 0.57 at k = 4, data -1.9) closer to the data.
   weighting_bias     b of the 'sigmoid' weighting and of a 'sigmoid' teacher weighting.
