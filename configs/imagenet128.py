@@ -24,67 +24,28 @@ Arguments (`--config=configs/imagenet128.py:ARG`, comma-separated):
               with `--mode=print_sharding` / `--mode=aot` or the test suite; it reads digits.
   steps=N     override the number of training steps
 """
+import os
+
 import ml_collections
 
 from mmd_jax import config_lib
-from mmd_jax.evaluation import eval_fields
+
+BASE_CONFIG = "imagenet64.py"
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  """The ImageNet 64 teacher config (imagenet64.py) with the 128x128 data, UNet and mesh."""
   args = config_lib.parse_arg(arg)
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-
-  c.data = ml_collections.ConfigDict(dict(
-      name="imagenet128", data_dir="", split="train", spec_path="",
-      image_shape=(128, 128, 3), num_classes=1000))
-
-  c.model = ml_collections.ConfigDict(dict(
-      kind="unet", prediction="v", base_channels=128, channel_mult=(1, 2, 4, 6, 8),
-      num_res_blocks=3, attn_resolutions=(16, 8), head_dim=64, dropout=0.1, dtype="bfloat16",
-      remat=True))
-
-  c.diffusion = ml_collections.ConfigDict(dict(
-      schedule=ml_collections.ConfigDict(dict(kind="shifted_cosine", logsnr_min=-15.0,
-                                              logsnr_max=15.0, resolution=128, shift_base=64)),
-      loss_weighting="v", sigmoid_bias=0.0, cond_drop_prob=0.1, clip_x=1.0))
-
-  c.optim = ml_collections.ConfigDict(dict(
-      learning_rate=1e-4, warmup_steps=10_000, schedule="constant", b1=0.9, b2=0.99, eps=1e-8,
-      weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999))
-
-  c.training = ml_collections.ConfigDict(dict(
-      batch_size=2048, num_steps=500_000, log_every=100, checkpoint_every=5000,
-      eval_every=50_000, max_to_keep=3))
-
-  c.eval = ml_collections.ConfigDict(dict(
-      periodic="ddim:64", final="ddim:64,ancestral:256,ddim:64:1.5",
-      num_samples=10_000, batch_size=2048, grid_per_class=2, use_ema=True))
-  # --mode=eval (FID / IS / precision-recall; fields: mmd_jax/evaluation/eval_fields.py). For
-  # numbers comparable with the literature: eval.num_samples=50000 and the ADM reference .npz.
-  c.eval.update(eval_fields.defaults())
-
-  # data x fsdp x tensor, per slice; dcn_* > 1 for multislice (see mmd_jax/parallel/mesh.py).
-  # rules: 'name=axis,...' overrides of the model's logical rules; fallback_rules for leaves
-  # without logical names; strict: refuse (instead of replicate) dims that do not divide.
-  c.mesh = ml_collections.ConfigDict(dict(
-      data=-1, fsdp=32, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1, rules="",
-      fallback_rules="", strict=False, fsdp_fill=True))
-
+  base = config_lib.load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                             BASE_CONFIG))
+  # The pod config first: runlocal must shrink the 128x128 settings, not be overridden by them.
+  c = base.get_config("")
+  c.data.update(name="imagenet128", image_shape=(128, 128, 3))
+  c.model.update(base_channels=128, channel_mult=(1, 2, 4, 6, 8))
+  c.diffusion.schedule.update(resolution=128)
+  c.mesh.update(fsdp=32)
   if args.get("runlocal"):
-    runlocal(c)
+    base.runlocal(c)
   if "steps" in args:
     c.training.num_steps = int(args["steps"])
   return c
-
-
-def runlocal(c):
-  """Shrinks a pod config to seconds on CPU (digits data, 8x8, tiny UNet)."""
-  c.data.update(name="digits", image_shape=(8, 8, 1), num_classes=10)
-  c.model.update(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
-                 head_dim=16, dropout=0.0, dtype="float32", remat=False)
-  c.diffusion.schedule.update(resolution=8, shift_base=8)
-  c.optim.update(warmup_steps=2, ema_decay=0.99)
-  c.training.update(batch_size=16, num_steps=2, log_every=1, checkpoint_every=2, eval_every=2)
-  c.eval.update(periodic="", final="ddim:2", num_samples=40, batch_size=40, grid_per_class=2)
-  c.mesh.update(data=-1, fsdp=2, tensor=1)

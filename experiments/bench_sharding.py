@@ -24,7 +24,7 @@ import jax  # noqa: E402  pylint: disable=g-import-not-at-top
 import ml_collections  # noqa: E402
 
 from mmd_jax import config_lib  # noqa: E402
-from mmd_jax.parallel import cli, report  # noqa: E402
+from mmd_jax.tools import cli, report  # noqa: E402
 
 LAYOUTS = {"replicated": lambda n: (n, 1, 1), "fsdp": lambda n: (1, n, 1),
            "fsdp+tensor": lambda n: (1, n // 2, 2) if n >= 2 else None}
@@ -46,22 +46,20 @@ def analytic(config, shape) -> int:
 
 def compiled(config, shape) -> int:
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  from mmd_jax.models import build as model_build  # pylint: disable=g-import-not-at-top
-  from mmd_jax.parallel import aot, layout  # pylint: disable=g-import-not-at-top
+  from mmd_jax import runs  # pylint: disable=g-import-not-at-top
   from mmd_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  from mmd_jax.training import optim, state as state_lib  # pylint: disable=g-import-not-at-top
+  from mmd_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
   if config.get("distill") is not None:
     raise SystemExit("--compiled measures teacher configs; drop the distill section.")
   c = _mesh_config(config, shape)
-  data_shape, num_classes, _ = aot.shapes_from_config(c)
-  model = model_build.build_model(c.model, data_shape=data_shape, num_classes=num_classes)
-  tx = optim.make_optimizer(c.optim, total_steps=int(c.training.num_steps))
   mesh = mesh_lib.make_mesh(c.mesh, jax.devices()[:shape[0] * shape[1] * shape[2]])
-  _, sh = layout.teacher_layout(model=model, tx=tx, data_shape=data_shape,
-                                num_classes=num_classes, mesh=mesh, model_config=c.model,
-                                mesh_config=c.mesh)
+  # The teacher run's model, optimizer and state shardings (shapes from config.data.image_shape
+  # when given, else from the prepared data set).
+  run = runs.build(c, kind="teacher", mesh=mesh, need_data=False)
+  spec = run.spec
   init = jax.jit(lambda r: nn.unbox(state_lib._boxed_state(  # pylint: disable=protected-access
-      model, tx, r, data_shape, num_classes)), out_shardings=sh)
+      run.model, run.tx, r, spec.data_shape, spec.num_classes, spec.text_shape)),
+                 out_shardings=run.state_shardings)
   return int(init.lower(jax.random.PRNGKey(0)).compile().memory_analysis().output_size_in_bytes)
 
 

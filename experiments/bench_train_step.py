@@ -206,12 +206,14 @@ def matmul_peak(*, n=2048, steps=5):
 
 
 def teacher_bench(name, *, steps: int, warmup: int = 2):
-  """Our teacher step exactly as training.loop builds it, on a synthetic batch."""
+  """Our teacher step as the teacher run builds it (runs.teacher.TeacherRun: its state
+  shardings, state donation), on a synthetic batch."""
   import jax
   import numpy as np
   from mmd_jax.diffusion.schedules import schedule_from_config
   from mmd_jax.models import build as model_build
   from mmd_jax.parallel import mesh as mesh_lib
+  from mmd_jax.runs import common
   from mmd_jax.training import optim, state as state_lib, steps as steps_lib
 
   config, data_shape, num_classes = make_config(name)
@@ -220,9 +222,8 @@ def teacher_bench(name, *, steps: int, warmup: int = 2):
   tx = optim.make_optimizer(config.optim, total_steps=int(config.training.num_steps))
   mesh = mesh_lib.make_mesh(config.mesh)
   abstract = state_lib.abstract_state(model, tx, data_shape=data_shape, num_classes=num_classes)
-  rules = model_build.logical_rules(config.model, config.mesh)
-  shardings = state_lib.state_shardings(abstract, mesh=mesh, rules=rules,
-                                        mesh_config=config.mesh)
+  shardings = common.shardings(abstract, mesh=mesh,
+                               options=common.sharding_options(config.mesh))
   state = state_lib.create_train_state(model, tx, rng=jax.random.PRNGKey(0),
                                        data_shape=data_shape, num_classes=num_classes,
                                        shardings=shardings)
@@ -390,6 +391,7 @@ def sampling_bench(ctx, *, batch: int, quick: bool):
   """images/s of the k-step student sampler and the teacher's 256-step ancestral sampler."""
   import jax
   import jax.numpy as jnp
+  from mmd_jax.diffusion import samplers
   from mmd_jax.distill import steps as distill_steps
   from mmd_jax.evaluation import sampling
 
@@ -403,8 +405,8 @@ def sampling_bench(ctx, *, batch: int, quick: bool):
   student = jax.jit(distill_steps.make_student_sampler(
       config=config.distill, denoise=denoise, schedule=ctx["schedule"], clip=clip),
       static_argnames="shape")
-  teacher = sampling.make_sample_fn(ctx["model"], prediction=config.model.prediction,
-                                    schedule=ctx["schedule"], num_classes=ctx["num_classes"],
+  teacher = samplers.make_sample_fn(denoise=denoise, schedule=ctx["schedule"],
+                                    num_classes=ctx["num_classes"],
                                     data_shape=ctx["data_shape"], clip=clip)
   shape = (batch,) + tuple(ctx["data_shape"])
   out = {"batch": batch}

@@ -235,7 +235,7 @@ def setup_run(*, kind, k, seed, overrides, args, mixture, schedule, denoise, mlp
     if args.nu_ema is not None:
       config.nu_ema = args.nu_ema
   config.update(overrides)
-  mm.validate_config(config)
+  steps.validate_config(config)
   tx, aux_tx = steps.make_optimizers(config)
   exact = gmm.make_denoiser()
   precond = None

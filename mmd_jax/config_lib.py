@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 
 import ml_collections
@@ -102,15 +103,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.optim.learning_rate must be > 0, got {config.optim.learning_rate}.")
   for key in ("eval.periodic", "eval.final"):
     for spec in parse_sampler_specs(config[key], key=key):
-      if spec["sampler"] not in samplers.SAMPLERS:
+      if spec["sampler"] not in samplers.names(student=False):
         raise ConfigError(f"config.{key}: unknown sampler {spec['sampler']!r}; choose one of "
-                          f"{tuple(samplers.SAMPLERS)}.")
+                          f"{samplers.names(student=False)}.")
   if "specs" in config.eval:  # --mode=eval's specs: syntax here, samplers per run at eval time
     parse_sampler_specs(config.eval.specs, key="eval.specs")
 
 
 def parse_sampler_specs(text: str, *, key: str = "eval") -> list[dict]:
-  """Parses "ancestral:8,ddim:8:1.5" into [{sampler, num_steps, guidance}, ...]."""
+  """Parses "ancestral:8,ddim:8:1.5" into [{sampler, num_steps, guidance}, ...].
+
+  STEPS is a positive integer, GUIDANCE (default 0) a finite number >= 0; anything else is a
+  ConfigError naming the item and the fix.
+  """
   specs = []
   for item in (text or "").split(","):
     item = item.strip()
@@ -126,6 +131,10 @@ def parse_sampler_specs(text: str, *, key: str = "eval") -> list[dict]:
       raise ConfigError(f"config.{key}: cannot parse {item!r}; write SAMPLER:STEPS[:GUIDANCE], "
                         "e.g. 'ancestral:32' or 'ddim:8:1.5'.") from None
     if spec["num_steps"] < 1:
-      raise ConfigError(f"config.{key}: {item!r} needs a positive step count.")
+      raise ConfigError(f"config.{key}: {item!r} needs a positive integer step count, got "
+                        f"{spec['num_steps']}; write e.g. '{parts[0]}:8'.")
+    if not math.isfinite(spec["guidance"]) or spec["guidance"] < 0:
+      raise ConfigError(f"config.{key}: {item!r} has guidance {parts[2]!r}; guidance must be a "
+                        f"finite number >= 0 (0 = unguided), e.g. '{parts[0]}:{parts[1]}:1.5'.")
     specs.append(spec)
   return specs

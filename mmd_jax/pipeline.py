@@ -11,19 +11,16 @@ so any stage can be rerun alone; rerunning the pipeline reuses finished stages.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 
 import jax
 import ml_collections
 import numpy as np
-from etils import epath
 
-from mmd_jax import config_lib
+from mmd_jax import config_lib, io_utils, loop
 from mmd_jax.evaluation import images as images_lib
 from mmd_jax.evaluation import pixel_metrics
-from mmd_jax.training import loop as train_loop
 
 
 _STUDENT_RE = re.compile(r"^(\w+):(\d+)(?::from=(\w+):(\d+))?$")
@@ -87,7 +84,6 @@ def stage_dirs(config, workdir):
 
 
 def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
-  from mmd_jax.distill import loop as distill_loop
   teacher_dir, students = stage_dirs(config, workdir)
   students_dir = os.path.join(workdir, "students")
   configs = [student_config(config, teacher_dir=teacher_dir, stage=s, students_dir=students_dir)
@@ -95,14 +91,26 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   for c in configs:  # check all stages' configs before the first long stage
     config_lib.validate(c)
   rows = []
-  out = train_loop.train_and_evaluate(config, teacher_dir)
+  out = loop.train_and_evaluate(config, teacher_dir)
+  _stop_if_preempted(out, "teacher", teacher_dir)
   rows += [dict(r, method=f"teacher {r['sampler']}", stage_dir=teacher_dir)
            for r in out["final_eval"]]
   for (stage, student_dir), c in zip(students, configs):
-    res = distill_loop.distill_and_evaluate(c, student_dir)
+    res = loop.distill_and_evaluate(c, student_dir)
+    _stop_if_preempted(res, f"student {stage.name}", student_dir)
     rows += [dict(r, method=stage.method, stage_dir=student_dir) for r in res["final_eval"]]
   write_comparison(rows, workdir=workdir)
   return rows
+
+
+def _stop_if_preempted(out: dict, stage: str, stage_dir: str) -> None:
+  """A preempted stage ends the pipeline (loop.PreemptedError): the next stage must not start
+  from an unfinished one, and no comparison is written from partial results."""
+  if out["preempted"]:
+    raise loop.PreemptedError(
+        f"the pipeline's {stage} stage was preempted at step {int(out['state'].step)}; its "
+        f"checkpoint is saved in {stage_dir}/checkpoints. Rerun the same command to continue "
+        "the pipeline from there.")
 
 
 def _sample_row_path(row, stage_dir):
@@ -119,23 +127,40 @@ def comparison_markdown(rows) -> str:
   return "\n".join(lines)
 
 
+def _row_label(row) -> list[str]:
+  """The text beside a row of comparison.png: the method, then steps and metrics."""
+  detail = [f"{row['num_steps']} steps"]
+  if row.get("guidance"):
+    detail.append(f"guidance {row['guidance']:g}")
+  detail += [f"{k} {row[k]:.3f}" for k in ("fd_pixels", "class_acc") if k in row]
+  return [row["method"], "  ".join(detail)]
+
+
+def write_comparison_png(rows, *, path):
+  """A row of samples (one per class) per method, labelled with the method, its steps and
+  metrics. Rows whose samples are missing are left out; nothing is written if none remain."""
+  strips, labels = [], []
+  for r in rows:
+    sample_path = _sample_row_path(r, r["stage_dir"])
+    if os.path.exists(sample_path):
+      strips.append(np.load(sample_path, allow_pickle=False))
+      labels.append(_row_label(r))
+  if not strips or len({s.shape for s in strips}) != 1:
+    return
+  picture = images_lib.labelled_rows(
+      strips, labels, title=f"One row per method, one sample per class ({pixel_metrics.STAND_IN_LABEL})",
+      column_labels=[str(i) for i in range(strips[0].shape[0])],
+      min_scale=4 if strips[0].shape[1] <= 16 else 1)
+  images_lib.save_png(picture, path)
+
+
 def write_comparison(rows, *, workdir):
   if jax.process_index() != 0 or not rows:
     return
   table = comparison_markdown(rows)
   header = f"Digits comparison ({pixel_metrics.STAND_IN_LABEL}; EMA parameters).\n\n"
-  with epath.Path(os.path.join(workdir, "comparison.md")).open("w") as f:
-    f.write(header + table + "\n")
-  with epath.Path(os.path.join(workdir, "comparison.json")).open("w") as f:
-    json.dump(rows, f, indent=1)
-  strips = []
-  for r in rows:
-    path = _sample_row_path(r, r["stage_dir"])
-    if os.path.exists(path):
-      strips.append(np.load(path, allow_pickle=False))
-  if strips and len({s.shape for s in strips}) == 1:
-    grid = images_lib.grid(np.concatenate(strips), rows=len(strips))
-    images_lib.save_png(grid, os.path.join(workdir, "comparison.png"),
-                        scale=4 if strips[0].shape[1] <= 16 else 1)
+  io_utils.write_text_atomic(os.path.join(workdir, "comparison.md"), header + table + "\n")
+  io_utils.write_json_atomic(os.path.join(workdir, "comparison.json"), rows, indent=1)
+  write_comparison_png(rows, path=os.path.join(workdir, "comparison.png"))
   print(f"\n{header}{table}\n(rows of comparison.png, top to bottom: "
         f"{', '.join(r['method'] + ' ' + str(r['num_steps']) for r in rows)})\n", flush=True)

@@ -11,6 +11,10 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8"
                            + " --xla_backend_optimization_level=0").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# CLI subprocesses keep these XLA_FLAGS, so they share the session's compilation cache (the CPU
+# defaults of the command line would add a flag, change the cache key and re-exec each process);
+# tests/test_cpu_defaults.py tests the defaults themselves.
+os.environ.setdefault("MMD_JAX_CPU_DEFAULTS", "0")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       tempfile.mkdtemp(prefix="mmd_jax_test_compile_cache_"))
 
@@ -29,7 +33,7 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, data_dir):
   """One tiny teacher run (6 steps, checkpoints at 3 and 6, final evaluation), shared."""
-  from mmd_jax.training import loop
+  from mmd_jax import loop
   from tests import helpers
   workdir = tmp_path_factory.mktemp("run")
   out = loop.train_and_evaluate(helpers.tiny_digits_config(data_dir), str(workdir))

@@ -8,7 +8,7 @@ import types
 import pytest
 
 from mmd_jax import config_lib
-from mmd_jax.parallel import aot, cli
+from mmd_jax.tools import aot, cli
 from mmd_jax.parallel.mesh import MeshError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,6 +13,7 @@ from sklearn.datasets import load_digits
 
 from mmd_jax.data import pipeline
 from mmd_jax.data import sources
+from mmd_jax.data import tfds_source
 from mmd_jax.data.errors import DatasetNotPreparedError
 
 NUM_DIGITS = 1797
@@ -225,7 +226,7 @@ def no_tfds_network(monkeypatch):
   def forbidden(*args, **kwargs):
     raise AssertionError("a TFDS function that may download was called")
   for fn in ("builder", "load", "data_source"):
-    monkeypatch.setattr(sources.tfds, fn, forbidden)
+    monkeypatch.setattr(tfds_source.tfds, fn, forbidden)
 
 
 def test_missing_catalogue_dataset_raises_with_instructions(

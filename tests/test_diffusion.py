@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmd_jax.diffusion import process, samplers
+from mmd_jax.diffusion import conditioning, process, samplers
 from mmd_jax.diffusion.schedules import Schedule, alpha_sigma
 
 
@@ -109,9 +109,9 @@ def test_sampling_a_gaussian_with_its_exact_denoiser_reproduces_its_moments(samp
     return jnp.asarray(m) + jnp.einsum("bij,bj->bi", k, z - a[:, :, 0] * jnp.asarray(m))
 
   n = 20000
-  out = jax.jit(lambda key: samplers.sample(
+  out = jax.jit(lambda key: samplers.get(sampler)(
       denoise_fn=denoise, rng=key, shape=(n, d), num_steps=64,
-      schedule=Schedule("cosine", -15.0, 15.0), eta=samplers.eta_of(sampler)))(
+      schedule=Schedule("cosine", -15.0, 15.0), label=None, clip=None, settings=None))(
           jax.random.PRNGKey(3))
   out = np.asarray(out, np.float64)
   np.testing.assert_allclose(out.mean(0), m, atol=0.03)
@@ -134,7 +134,9 @@ def test_guidance_combines_conditional_and_null_predictions():
   def denoise(z, logsnr, label):
     return z * 0 + label[:, None].astype(jnp.float32)
 
-  g = samplers.guided(denoise, guidance=2.0, null_label=10)
+  g = conditioning.bind_text(conditioning.guided(
+      lambda z, logsnr, label, text: denoise(z, logsnr, label), guidance=2.0, null_label=10),
+      None)
   out = g(jnp.zeros((2, 1)), jnp.zeros((2,)), jnp.array([3, 4]))
   np.testing.assert_allclose(out[:, 0], [3 + 2 * (3 - 10), 4 + 2 * (4 - 10)])
 
@@ -143,4 +145,4 @@ def test_bad_sampler_arguments_are_named():
   with pytest.raises(ValueError, match="num_steps"):
     samplers.logsnr_grid(num_steps=0, schedule=Schedule())
   with pytest.raises(ValueError, match="sampler"):
-    samplers.eta_of("euler")
+    samplers.get("euler")

@@ -1,5 +1,6 @@
 """Distillation runs on the digits: both variants, teacher checks, exact resume, the pipeline."""
 import json
+import logging
 import os
 import shutil
 
@@ -9,10 +10,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 from mmd_jax import pipeline
-from mmd_jax.distill import loop as distill_loop
-from mmd_jax.distill import teacher as teacher_lib
-from mmd_jax.models import build as model_build
+from mmd_jax import loop as distill_loop
+from mmd_jax import runs
+from mmd_jax.runs import student as teacher_lib
 from mmd_jax.parallel import mesh as mesh_lib
+from mmd_jax.training import checkpoint as ckpt_lib
 from tests import helpers
 
 
@@ -28,13 +30,47 @@ def _state_tree(workdir, step):
                                                          "state"))
 
 
-def test_alternating_student_records_teacher_and_resumes_exactly(trained, data_dir, tmp_path):
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(tree))]
+
+
+def _rewrite_checkpoint(workdir, step, config, change):
+  """Replaces the student's checkpoint `step` by change(state), with fresh checksums."""
+  run = runs.build(config, kind="student", mesh=mesh_lib.make_mesh(config.mesh))
+  run.load_teacher()
+  ckpt = ckpt_lib.Checkpointer(str(workdir), async_save=False)
+  state, data = run.restore(ckpt, step)
+  saved_config = ckpt.saved_config(step)
+  ckpt.close()
+  shutil.rmtree(os.path.join(str(workdir), "checkpoints", str(step)))
+  ckpt = ckpt_lib.Checkpointer(str(workdir), async_save=False)
+  assert ckpt.save(step, state=change(state), data_state=data, config_dict=saved_config)
+  ckpt.close()
+
+
+def _stop_after(workdir, step):
+  """What a kill right after checkpoint `step` leaves on disk: later checkpoints, the final
+  evaluation and later metrics gone."""
+  for s in os.listdir(os.path.join(workdir, "checkpoints")):
+    if s.isdigit() and int(s) > step:
+      shutil.rmtree(os.path.join(workdir, "checkpoints", s))
+  for name in ("final_eval.json", "final_eval.key.json", "final_eval.md"):
+    if os.path.exists(os.path.join(workdir, name)):
+      os.remove(os.path.join(workdir, name))
+  path = os.path.join(workdir, "metrics.jsonl")
+  lines = [l for l in open(path) if json.loads(l)["step"] <= step]
+  open(path, "w").writelines(lines)
+
+
+def test_alternating_student_records_teacher_and_resumes_exactly(trained, data_dir, tmp_path,
+                                                                 caplog):
   teacher_dir, teacher_out = trained
   workdir = str(tmp_path / "alt")
   out = distill_loop.distill_and_evaluate(_student_config(data_dir, teacher_dir), workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
   saved = _state_tree(workdir, 4)
-  assert set(saved) >= {"params", "opt_state", "ema_params", "aux_params", "aux_opt_state"}
+  assert set(saved) >= {"params", "opt_state", "ema_params", "aux_params", "aux_opt_state",
+                        "nonfinite_step"}
   n_student = sum(np.size(x) for x in jax.tree_util.tree_leaves(saved["params"]))
   n_saved = sum(np.size(x) for x in jax.tree_util.tree_leaves(saved))
   n_teacher = sum(np.size(x) for x in jax.tree_util.tree_leaves(teacher_out["state"].params))
@@ -45,17 +81,65 @@ def test_alternating_student_records_teacher_and_resumes_exactly(trained, data_d
   assert config["teacher_record"]["fingerprint"] == out["teacher"].fingerprint
   assert config["teacher_record"]["path"] == str(teacher_dir)
   row = out["final_eval"][0]
-  assert row["sampler"] == "student_alternating" and row["num_steps"] == 8
+  assert row["sampler"] == "student" and row["num_steps"] == 8
   assert 0.0 <= row["class_acc"] <= 1.0
 
-  # A kill right after the step-2 checkpoint leaves exactly this on disk; the rerun must end
-  # with the same student, auxiliary, optimizer states and data position.
-  shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))
-  os.remove(os.path.join(workdir, "final_eval.json"))
-  distill_loop.distill_and_evaluate(_student_config(data_dir, teacher_dir), workdir)
+  # A kill right after the step-2 checkpoint, whose EMA is then shifted by delta: the rerun
+  # resumes from it (not from the teacher): its final EMA is the uninterrupted one plus
+  # decay**2 * delta, and every other leaf (student, auxiliary, both optimizer states, data
+  # position) ends exactly as in the uninterrupted run.
+  _stop_after(workdir, 2)
+  config = _student_config(data_dir, teacher_dir, **{"eval.num_samples": 0})
+  delta = 0.25
+  _rewrite_checkpoint(workdir, 2, config, lambda s: s.replace(
+      ema_params=jax.tree_util.tree_map(lambda x: x + delta, s.ema_params)))
+  caplog.set_level(logging.INFO)
+  again_out = distill_loop.distill_and_evaluate(config, workdir)
+  assert f"Resumed from {workdir}/checkpoints/2 (student)" in caplog.text
+  assert [json.loads(l)["step"] for l in open(os.path.join(workdir, "metrics.jsonl"))] == [2, 4]
   again = _state_tree(workdir, 4)
-  for a, b in zip(jax.tree_util.tree_leaves(saved), jax.tree_util.tree_leaves(again)):
-    np.testing.assert_array_equal(a, b)
+  assert sorted(again) == sorted(saved)
+  decay = float(config.distill.ema_decay)
+  for part in saved:
+    for a, b in zip(_leaves(saved[part]), _leaves(again[part])):
+      if part == "ema_params":
+        np.testing.assert_allclose(b - a, decay ** 2 * delta, rtol=0, atol=1e-5)
+      else:
+        np.testing.assert_array_equal(a, b, err_msg=part)
+  assert int(again_out["state"].step) == 4
+
+
+def test_parameter_space_student_resumes_every_leaf_including_nu_ema(trained, data_dir,
+                                                                    tmp_path, caplog):
+  """Resuming restores nu_ema (and recomputes the same squared-gradient preconditioner):
+  every leaf ends as in the uninterrupted run; a changed nu_ema changes the result."""
+  teacher_dir, _ = trained
+  config = _student_config(data_dir, teacher_dir, **{
+      "distill.variant": "parameter_space", "distill.num_student_steps": 2,
+      "distill.precond_batches": 2, "eval.num_samples": 0})
+  assert float(config.distill.nu_ema) > 0 and config.distill.preconditioner == "squared_grads"
+  workdir = str(tmp_path / "ps")
+  distill_loop.distill_and_evaluate(config, workdir)
+  ref = _state_tree(workdir, 4)
+  assert jax.tree_util.tree_leaves(ref["nu_ema"])
+  assert not jax.tree_util.tree_leaves(ref["aux_params"])
+
+  caplog.set_level(logging.INFO)
+  _stop_after(workdir, 2)
+  distill_loop.distill_and_evaluate(config, workdir)
+  assert f"Resumed from {workdir}/checkpoints/2 (student)" in caplog.text
+  resumed = _state_tree(workdir, 4)
+  for part in ref:
+    for a, b in zip(_leaves(ref[part]), _leaves(resumed[part])):
+      np.testing.assert_array_equal(a, b, err_msg=part)
+
+  _stop_after(workdir, 2)
+  _rewrite_checkpoint(workdir, 2, config, lambda s: s.replace(
+      nu_ema=jax.tree_util.tree_map(lambda x: 3.0 * x, s.nu_ema)))
+  distill_loop.distill_and_evaluate(config, workdir)
+  changed = _state_tree(workdir, 4)
+  assert any(not np.array_equal(a, b) for a, b in zip(_leaves(ref["params"]),
+                                                       _leaves(changed["params"])))
 
 
 def test_parameter_space_student_runs_with_squared_gradient_preconditioner(trained, data_dir,
@@ -67,7 +151,7 @@ def test_parameter_space_student_runs_with_squared_gradient_preconditioner(train
   out = distill_loop.distill_and_evaluate(config, str(tmp_path / "ps"))
   saved = _state_tree(str(tmp_path / "ps"), 2)
   assert saved["aux_params"] == {} or not jax.tree_util.tree_leaves(saved["aux_params"])
-  assert out["final_eval"][0]["sampler"] == "student_parameter_space"
+  assert out["final_eval"][0]["sampler"] == "student"
 
 
 def test_teacher_with_another_architecture_is_refused(trained, data_dir, tmp_path):
@@ -96,11 +180,14 @@ def test_pipeline_reuses_the_teacher_and_writes_the_comparison(trained, data_dir
   shutil.copytree(teacher_dir, workdir / "teacher")
   config = helpers.tiny_digits_config(data_dir, **{
       "pipeline.students": "alternating:2,alternating:1:from=alternating:2"})
+  evals = open(workdir / "teacher" / "eval_results.jsonl").read()
   rows = pipeline.run_pipeline(config, str(workdir))
   methods = [r["method"] for r in rows]
   assert methods == ["teacher ancestral", "student alternating",
                      "student alternating (from alternating k=2)"]
-  assert rows[0]["fd_pixels"] == teacher_out["final_eval"][0]["fd_pixels"]  # reused, not rerun
+  # Reused, not rerun: the teacher's evaluation log gained no row.
+  assert open(workdir / "teacher" / "eval_results.jsonl").read() == evals
+  assert rows[0]["fd_pixels"] == teacher_out["final_eval"][0]["fd_pixels"]
   assert json.load(open(workdir / "comparison.json")) == rows
   assert "student alternating" in open(workdir / "comparison.md").read()
   assert os.path.exists(workdir / "comparison.png")
@@ -117,13 +204,36 @@ def test_pipeline_reuses_the_teacher_and_writes_the_comparison(trained, data_dir
   cfg = pipeline.student_config(config, teacher_dir=str(workdir / "teacher"),
                                 stage=pipeline.parse_students(config.pipeline.students)[1],
                                 students_dir=str(workdir / "students"))
-  mesh, rules = mesh_lib.make_mesh(cfg.mesh), model_build.logical_rules(cfg.model, cfg.mesh)
-  teacher = teacher_lib.load_teacher(cfg.distill.teacher, config=cfg, data_shape=(8, 8, 1),
-                                     num_classes=10, mesh=mesh, rules=rules)
-  params, _ = teacher_lib.load_student_params(cfg.distill.init_from, teacher=teacher, mesh=mesh,
-                                              rules=rules, mesh_config=cfg.mesh)
+  run = runs.build(cfg, kind="student", mesh=mesh_lib.make_mesh(cfg.mesh))
+  params, _ = run._load_init_from()  # pylint: disable=protected-access
   for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(params)),
                   jax.tree_util.tree_leaves(source_ema)):
     np.testing.assert_array_equal(a, b)
   with pytest.raises(Exception, match="must be an earlier entry"):
     pipeline.parse_students("alternating:1:from=alternating:2,alternating:2")
+
+
+def test_preempted_teacher_stage_stops_the_pipeline_and_the_rerun_continues(data_dir, tmp_path,
+                                                                          monkeypatch, caplog):
+  """SIGTERM during the teacher stage (simulated: the loop's agreed stop at step 3): the pipeline
+  stops with PreemptedError (exit 75 on the command line), distils nothing and writes no
+  comparison; the rerun resumes the teacher from step 3, then distils from the finished one."""
+  workdir = tmp_path / "pipe"
+  config = helpers.tiny_digits_config(data_dir, **{
+      "pipeline.students": "alternating:2", "distill.num_steps": 2})
+  monkeypatch.setattr(distill_loop._Preemption, "stop_at",  # pylint: disable=protected-access
+                      lambda self, step: step == 3)
+  with pytest.raises(distill_loop.PreemptedError, match="teacher stage was preempted at step 3"):
+    pipeline.run_pipeline(config, str(workdir))
+  assert sorted(os.listdir(workdir / "teacher" / "checkpoints")) == ["3"]
+  assert not (workdir / "students").exists() and not (workdir / "comparison.md").exists()
+  monkeypatch.undo()
+
+  caplog.set_level(logging.INFO)
+  rows = pipeline.run_pipeline(config, str(workdir))
+  assert f"Resumed from {workdir}/teacher/checkpoints/3 (teacher)" in caplog.text
+  assert [r["method"] for r in rows] == ["teacher ancestral", "student alternating"]
+  assert rows[0]["step"] == 6 and (workdir / "comparison.md").exists()
+  record = json.load(open(workdir / "students" / "alternating_k2" / "checkpoints" / "2" /
+                          "config" / "metadata"))["teacher_record"]
+  assert record["step"] == 6

@@ -1,6 +1,7 @@
 """Sharded, resumable evaluation (mmd_jax.evaluation.sharded_eval) on the tiny digits teacher:
 8 devices give the statistics of 1 device, and an interrupted evaluation resumes to the
 statistics of an uninterrupted one."""
+import json
 import os
 
 import jax
@@ -97,23 +98,32 @@ def test_eight_devices_match_one_and_interrupted_evaluation_resumes(trained, dat
   assert sharded_eval.run_name(spec) != sharded_eval.run_name(dict(spec, seed=1))
 
 
-def test_spec_resolution_for_teachers_and_students():
-  cfg = config_lib.load_config_file(helpers.DIGITS, "test")
+def test_spec_resolution_for_teachers_and_students(data_dir):
+  from mmd_jax import runs  # pylint: disable=g-import-not-at-top
+  cfg = helpers.tiny_digits_config(data_dir)
   cfg.distill.update(variant="alternating", num_student_steps=4)
-  assert eval_run.resolve_specs(cfg, kind="student", num_classes=10, workdir="w") == [
-      {"sampler": "student_alternating", "num_steps": 4, "guidance": 0.0}]
-  assert eval_run.resolve_specs(cfg, kind="student", num_classes=10, workdir="w",
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  student, teacher = (runs.build(cfg, kind=k, mesh=mesh) for k in ("student", "teacher"))
+  assert eval_run.resolve_specs(cfg, run=student, workdir="w") == [
+      {"sampler": "student", "num_steps": 4, "guidance": 0.0}]
+  assert eval_run.resolve_specs(cfg, run=student, workdir="w",
                                 text="student:2")[0]["num_steps"] == 2
-  with pytest.raises(eval_run.EvalError, match="distilled student"):
-    eval_run.resolve_specs(cfg, kind="student", num_classes=10, workdir="w", text="ddim:8")
-  assert eval_run.resolve_specs(cfg, kind="teacher", num_classes=10, workdir="w") == [
+  # Samplers are one registry: a student may also be sampled with the teacher's samplers.
+  assert eval_run.resolve_specs(cfg, run=student, workdir="w", text="ddim:8") == [
+      {"sampler": "ddim", "num_steps": 8, "guidance": 0.0}]
+  with pytest.raises(eval_run.EvalError, match="sampler 'euler'"):
+    eval_run.resolve_specs(cfg, run=student, workdir="w", text="euler:8")
+  assert eval_run.resolve_specs(cfg, run=teacher, workdir="w") == [
       {"sampler": "ancestral", "num_steps": 2, "guidance": 0.0}]   # eval.final
-  with pytest.raises(eval_run.EvalError, match="is a teacher"):
-    eval_run.resolve_specs(cfg, kind="teacher", num_classes=10, workdir="w", text="student:2")
+  with pytest.raises(eval_run.EvalError, match="cannot sample this teacher run"):
+    eval_run.resolve_specs(cfg, run=teacher, workdir="w", text="student:2")
   with pytest.raises(config_lib.ConfigError, match="SAMPLER:STEPS"):
-    eval_run.resolve_specs(cfg, kind="teacher", num_classes=10, workdir="w", text="ddim")
-  with pytest.raises(eval_run.EvalError, match="class-conditional"):
-    eval_run.resolve_specs(cfg, kind="teacher", num_classes=0, workdir="w", text="ddim:2:1.5")
+    eval_run.resolve_specs(cfg, run=teacher, workdir="w", text="ddim")
+  unconditional_cfg = ml_collections.ConfigDict(cfg.to_dict())
+  unconditional_cfg.model.class_conditional = False
+  unconditional = runs.build(unconditional_cfg, kind="teacher", mesh=mesh)
+  with pytest.raises(eval_run.EvalError, match="class- or text-conditional"):
+    eval_run.resolve_specs(cfg, run=unconditional, workdir="w", text="ddim:2:1.5")
 
 
 def test_reference_files_are_checked_against_the_protocol(tmp_path, data_dir):
@@ -140,3 +150,91 @@ def test_reference_files_are_checked_against_the_protocol(tmp_path, data_dir):
     load(other, inception)
   np.savez(other, mu=np.ones(4), sigma=np.eye(4))  # a pytorch-fid file: no protocol recorded
   assert load(other, inception).source == other
+
+
+# ----------------------------------------------------------------------------------------------
+# Two processes (jax.distributed on 127.0.0.1, 4 fake CPU devices each)
+# ----------------------------------------------------------------------------------------------
+
+_DRIVER = """
+import json, sys
+from mmd_jax.parallel import distributed
+distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
+                       process_id=int(sys.argv[2]), timeout_s=120)
+from mmd_jax.evaluation import run as eval_run
+from tests import helpers
+config = helpers.tiny_digits_config(sys.argv[3], **json.loads(sys.argv[4]))
+for workdir, max_batches in json.loads(sys.argv[5]):
+  eval_run.evaluate_checkpoint(config, workdir, max_batches=max_batches)
+print("driver done", flush=True)
+"""
+_METRICS = ("standin_fd", "standin_inception_score", "standin_precision", "standin_recall",
+            "fd_pixels", "class_acc")
+
+
+def _eval_rows(workdir):
+  path = os.path.join(workdir, "eval_results.jsonl")
+  if not os.path.exists(path):
+    return []
+  return [json.loads(l) for l in open(path) if json.loads(l)["tag"] == "eval"]
+
+
+def test_two_processes_give_the_statistics_of_one_and_an_interrupted_evaluation_resumes_on_one(
+    trained, data_dir, tmp_path):
+  """--mode=eval's evaluation as two processes of 4 devices: the same numbers as one process of
+  8 devices (the samples do not depend on the process count); an evaluation stopped after 2 of 4
+  batches on two processes finishes on one, from batch 2."""
+  import shutil
+  import socket
+  import subprocess
+  import sys
+  dirs = {name: str(tmp_path / name) for name in ("two", "stopped", "one")}
+  for d in dirs.values():
+    shutil.copytree(trained[0], d)
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    coordinator = f"127.0.0.1:{s.getsockname()[1]}"
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=4 "
+                       "--xla_backend_optimization_level=0")
+  plan = json.dumps([[dirs["two"], None], [dirs["stopped"], 2]])
+  logs = [str(tmp_path / f"p{i}.log") for i in range(2)]
+  procs = []
+  for i in range(2):
+    with open(logs[i], "w") as log:
+      procs.append(subprocess.Popen(
+          [sys.executable, "-c", _DRIVER, coordinator, str(i), str(data_dir), json.dumps(EVAL),
+           plan], cwd=helpers.REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+  try:
+    # Meanwhile (2 cores), the one-process 8-device reference, in this process.
+    config = helpers.tiny_digits_config(data_dir, **EVAL)
+    (one,) = eval_run.evaluate_checkpoint(config, dirs["one"], print_table=False)
+    for p in procs:
+      p.wait(timeout=600)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait(timeout=60)
+  text = [open(l).read() for l in logs]
+  for p, t in zip(procs, text):
+    assert p.returncode == 0 and "driver done" in t, t[-3000:]
+
+  (two,) = _eval_rows(dirs["two"])
+  assert two["num_samples"] == one["num_samples"] == 28
+  for key in _METRICS:
+    np.testing.assert_allclose(two[key], one[key], rtol=1e-4, err_msg=key)
+
+  # Stopped after 2 batches on two processes: no row yet, one merged state on disk.
+  assert _eval_rows(dirs["stopped"]) == []
+  (eval_dir,) = [os.path.join(dirs["stopped"], "eval", d)
+                 for d in os.listdir(os.path.join(dirs["stopped"], "eval"))
+                 if not d.endswith(".npz")]
+  assert sorted(p for p in os.listdir(eval_dir) if p.startswith("state")) == [
+      "state_p00000_b00000002.npz"]
+  seen = []
+  (resumed,) = eval_run.evaluate_checkpoint(config, dirs["stopped"], on_batch=seen.append,
+                                            print_table=False)
+  assert resumed["resumed_from_batch"] == 2 and seen == [2, 3]
+  for key in _METRICS:
+    np.testing.assert_allclose(resumed[key], one[key], rtol=1e-4, err_msg=key)

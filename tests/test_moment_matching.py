@@ -14,7 +14,7 @@ import pytest
 from mmd_jax.diffusion import process
 from mmd_jax.diffusion.schedules import Schedule
 from mmd_jax.distill import moment_matching as mm
-from mmd_jax.distill import preconditioners, steps
+from mmd_jax.distill import steps
 from mmd_jax.evaluation import sample_metrics
 from mmd_jax.models import gmm, mlp
 
@@ -85,21 +85,50 @@ def test_student_gradient_is_weighted_jacobian_transpose_of_the_moment_gap():
   new_state, metrics = step(state, theta, {"x": x, "label": LABELS}, rng)
   got = _delta(eta, new_state.params)
 
-  # Direct: the same draws, then w(s) (d x_tilde / d eta)^T (g_phi - g_theta^w) / (B D) with the
-  # guided teacher g^w = g(c) + w (g(c) - g(null)).
+  # Direct: the step's draws rebuilt from raw jax.random calls (never steps.draw), then
+  # w(s) (d x_tilde / d eta)^T (g_phi - g_theta^w) / (B D) with the guided teacher
+  # g^w = g(c) + w (g(c) - g(null)). Keys (steps.py module docstring and draw()):
+  # key_B = fold_in(fold_in(rng, step=0), 1); k_draw = split(key_B)[0];
+  # k_time, k_eps, k_zs, k_drop = split(k_draw, 4); r1, r2 = split(k_time) ('grid' times, k = 4):
+  # u_t = randint(r1, 1..k) / k, u_s = max(u_t - (1 - U(r2)) / k, 0); 'uniform_t' spacing on
+  # the cosine schedule; z_t = alpha_t x + sigma_t N(k_eps); z_s = posterior mean + std N(k_zs)
+  # (eta = 1, design-note form); w = 'auto' at k = 4 = snr_plus_one at logsnr_s.
+  k = int(config.num_student_steps)
+  assert (mm.resolve_time_sampling(config), config.spacing, config.eta, config.weighting) == (
+      "grid", "uniform_t", 1.0, "auto") and k == 4
+
+  def logsnr_of_t(t):  # cosine schedule on [-15, 15], written out
+    b = np.arctan(np.exp(-0.5 * 15.0))
+    a = np.arctan(np.exp(0.5 * 15.0)) - b
+    return -2.0 * jnp.log(jnp.tan(a * t + b))
+
+  def alpha_sigma(logsnr):
+    return (jnp.sqrt(jax.nn.sigmoid(logsnr))[:, None], jnp.sqrt(jax.nn.sigmoid(-logsnr))[:, None])
+
   @jax.jit
   def direct(eta, phi, theta):
-    _, key_b = steps.step_keys(rng, 0)
+    key_b = jax.random.fold_in(jax.random.fold_in(rng, 0), 1)
     k_draw = jax.random.split(key_b)[0]
-    d, _ = steps.draw(k_draw, config=config, schedule=SCHEDULE, denoise=denoise, params=eta,
-                      x=x, label=LABELS)
-    k_drop = jax.random.split(k_draw, 4)[3]
-    jac = jax.jacobian(lambda p: denoise(p, d["z_t"], d["logsnr_t"], LABELS, train=True,
-                                         rng=k_drop))(eta)
-    cond = denoise(theta, d["z_s"], d["logsnr_s"], LABELS)
-    null = denoise(theta, d["z_s"], d["logsnr_s"], jnp.full_like(LABELS, NUM_CLASSES))
-    gap = denoise(phi, d["z_s"], d["logsnr_s"], LABELS) - (cond + GUIDANCE * (cond - null))
-    coef = d["w"][:, None] * gap / (8 * D)
+    k_time, k_eps, k_zs, k_drop = jax.random.split(k_draw, 4)
+    r1, r2 = jax.random.split(k_time)
+    u_t = jax.random.randint(r1, (8,), 1, k + 1).astype(jnp.float32) / k
+    u_s = jnp.maximum(u_t - (1.0 - jax.random.uniform(r2, (8,))) / k, 0.0)
+    logsnr_t, logsnr_s = logsnr_of_t(u_t), logsnr_of_t(u_s)
+    a_t, s_t = alpha_sigma(logsnr_t)
+    a_s, s_s = alpha_sigma(logsnr_s)
+    z_t = a_t * x + s_t * jax.random.normal(k_eps, x.shape)
+    student = lambda p: denoise(p, z_t, logsnr_t, LABELS, train=True, rng=k_drop)
+    x_tilde = student(eta)
+    a_ts, s_ts2 = a_t / a_s, s_t ** 2 - (a_t / a_s) ** 2 * s_s ** 2
+    var = 1.0 / (1.0 / s_s ** 2 + a_ts ** 2 / s_ts2)
+    mean = var * (a_ts / s_ts2 * z_t + a_s / s_s ** 2 * x_tilde)
+    z_s = mean + jnp.sqrt(var) * jax.random.normal(k_zs, x.shape)
+    w = 1.0 + 1.0 / (jnp.exp(-logsnr_s) + np.exp(-5.0))
+    jac = jax.jacobian(student)(eta)
+    cond = denoise(theta, z_s, logsnr_s, LABELS)
+    null = denoise(theta, z_s, logsnr_s, jnp.full_like(LABELS, NUM_CLASSES))
+    gap = denoise(phi, z_s, logsnr_s, LABELS) - (cond + GUIDANCE * (cond - null))
+    coef = w[:, None] * gap / (8 * D)
     return jax.tree_util.tree_map(lambda j: jnp.tensordot(coef, j, axes=2), jac)
 
   want = direct(eta, phi, theta)
@@ -223,6 +252,12 @@ def test_time_sampling_and_weights():
                              rtol=1e-3)
   with pytest.raises(ValueError, match="time_sampling"):
     mm.validate_config(_config(time_sampling="grd"))
+  # The default 'auto': continuous times for a one-step student (grid times collapse it on the
+  # 16-D mixture, README), the student's own grid otherwise.
+  assert mm.default_config().time_sampling == "auto"
+  assert [mm.resolve_time_sampling(_config(num_student_steps=k)) for k in (1, 2, 8)] == [
+      "continuous", "grid", "grid"]
+  assert mm.resolve_time_sampling(_config(num_student_steps=1, time_sampling="grid")) == "grid"
 
 
 def test_short_distillation_on_a_mixture_reduces_sliced_w2():

@@ -1,19 +1,22 @@
 """Two processes on 127.0.0.1 (jax.distributed, 4 fake CPU devices each) run the real training
 loop (`python -m mmd_jax.main --mode=train` on configs/digits.py:test) with FSDP over all 8
-devices, so each process holds half of every sharded array; they write a checkpoint together and
-are killed with SIGKILL. One process with 8 devices then resumes that work directory through the
-same loop and finishes with the losses and parameters of an uninterrupted one-process 8-device
-run.
+devices, so each process holds half of every sharded array. After their first checkpoint ONE of
+them gets SIGTERM: JAX's preemption sync manager tells the other, both save the same step and
+both exit with 75 (errors.EXIT_PREEMPTED). One process with 8 devices then resumes that work
+directory through the same loop and finishes with the losses and parameters of an
+uninterrupted one-process 8-device run.
 
 All runs use the FSDP mesh (data=1, fsdp=8): on a data-parallel mesh Orbax saves replicated
 arrays in slices, and its first save costs ~10 CPU-seconds here. Restoring onto another mesh is
 tested in test_sharding.py. The uninterrupted reference runs alongside the two workers (the
 machine has 2 cores; running it afterwards would leave one idle), and the resumed run reuses its
-compiled train step from the session's compilation cache. Every wait is bounded.
+compiled train step from the session's compilation cache. Every wait is for an event (a
+checkpoint directory, a process exit), bounded.
 """
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -23,11 +26,13 @@ import numpy as np
 
 from tests import helpers
 
-# configs/digits.py:test checkpoints every 3 steps: at 3, 6 and 8. After the first one the workers
-# still have 5 steps and 2 saves to go, ample time to kill them before they finish.
-NUM_STEPS = 8
+# Checkpoints every 5 steps. SIGTERM goes out when the first one (step 5) appears; the agreed
+# stop comes a few steps later (the notice travels through the coordination service), far
+# before step 40, so both workers are still training when they stop.
+NUM_STEPS = 40
 COMMON = (f"--config={helpers.DIGITS}:test", "--mode=train",
           f"--config.training.num_steps={NUM_STEPS}", "--config.training.log_every=1",
+          "--config.training.checkpoint_every=5",
           "--config.eval.final=", "--config.eval.periodic=", "--config.eval.num_samples=0",
           "--config.mesh.data=1", "--config.mesh.fsdp=8")
 # Each run (the workers up to their checkpoint, the reference, the resumed run) must end within
@@ -74,12 +79,12 @@ def _wait_for_checkpoint(ckpt_dir, procs, logs, timeout):
   raise AssertionError(f"no checkpoint within {timeout} s:\n{_tails(logs)}")
 
 
-def _finish(proc, log, timeout):
+def _finish(proc, log, timeout, *, code=0):
   try:
     proc.wait(timeout=timeout)
   except subprocess.TimeoutExpired:
     raise AssertionError(f"run did not finish within {timeout} s:\n{_tails([log])}") from None
-  assert proc.returncode == 0, _tails([log])
+  assert proc.returncode == code, (proc.returncode, _tails([log]))
   return open(log).read()
 
 
@@ -92,7 +97,8 @@ def _logged_losses(log_text):
   return dict(re.findall(rf"step (\d+)/{NUM_STEPS} .* loss (\S+)", log_text))
 
 
-def test_two_processes_checkpoint_then_resume_on_one_process(tmp_path, data_dir):
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_then_resume_on_one(
+    tmp_path, data_dir):
   work, ref = str(tmp_path / "run"), str(tmp_path / "ref")
   ckpt_dir = os.path.join(work, "checkpoints")
   coordinator = f"127.0.0.1:{_free_port()}"
@@ -109,11 +115,9 @@ def test_two_processes_checkpoint_then_resume_on_one_process(tmp_path, data_dir)
     workers = [procs["worker0"], procs["worker1"]]
     worker_logs = [logs["worker0"], logs["worker1"]]
     _wait_for_checkpoint(ckpt_dir, workers, worker_logs, RUN_TIMEOUT_S)
-    still_training = [p.poll() is None for p in workers]
-    for p in workers:
-      p.kill()
-      p.wait(timeout=60)
-    assert all(still_training), "a worker finished before it was killed"
+    procs["worker1"].send_signal(signal.SIGTERM)  # one process only
+    for p, log in zip(workers, worker_logs):
+      _finish(p, log, RUN_TIMEOUT_S, code=75)
     saved = sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
     assert saved and max(saved) < NUM_STEPS, saved
     before_resume = _metrics(work)
@@ -129,9 +133,14 @@ def test_two_processes_checkpoint_then_resume_on_one_process(tmp_path, data_dir)
         p.wait(timeout=60)
 
   worker_text = [open(l).read() for l in worker_logs]
+  stopped = []
   for i, text in enumerate(worker_text):
     assert f"process {i}/2: 4 local / 8 global cpu devices" in text
     assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in text
+    assert "Traceback" not in text and "EnforceNotMet" not in text
+    stopped.append(int(re.search(r"Preempted at step (\d+)", text).group(1)))
+  # Both stopped at the same step, saved it together, and it is the latest checkpoint.
+  assert stopped[0] == stopped[1] == max(saved), (stopped, saved)
   losses = [_logged_losses(t) for t in worker_text]
   common = set(losses[0]) & set(losses[1])
   assert common and all(losses[0][s] == losses[1][s] for s in common)
@@ -143,7 +152,7 @@ def test_two_processes_checkpoint_then_resume_on_one_process(tmp_path, data_dir)
   assert sorted(reference) == list(range(1, NUM_STEPS + 1))
   resumed = _metrics(work)[len(before_resume):]
   assert [m["step"] for m in resumed] == list(range(max(saved) + 1, NUM_STEPS + 1))
-  assert [m["step"] for m in before_resume][:max(saved)] == list(range(1, max(saved) + 1))
+  assert [m["step"] for m in before_resume] == list(range(1, max(saved) + 1))
   for m in before_resume + resumed:  # the two-process steps, then the resumed ones
     for key in ("loss", "grad_norm"):
       np.testing.assert_allclose(m[key], reference[m["step"]][key], rtol=LOSS_RTOL,

@@ -13,11 +13,14 @@ from mmd_jax.distill import moment_matching as mm
 from mmd_jax.distill import steps as distill_steps
 from mmd_jax.models import build as model_build
 from mmd_jax.models import embeddings
-from mmd_jax.parallel import distributed, layout, report
+from mmd_jax.parallel import distributed
 from mmd_jax.parallel import mesh as mesh_lib
 from mmd_jax.parallel import sharding
 from mmd_jax.parallel.mesh import MeshError
+from mmd_jax.runs import common
+from mmd_jax.tools import report
 from mmd_jax.training import checkpoint as ckpt_lib
+from mmd_jax.training import state as state_lib
 from mmd_jax.training import steps as teacher_steps
 
 AXES = {"data": 2, "fsdp": 4, "tensor": 2}
@@ -68,9 +71,9 @@ def test_config_rules_override_and_unknown_names():
   with pytest.raises(sharding.ShardingRuleError, match="'bogus'.*config.mesh.rules"):
     sharding.decide(path="enc/w", shape=(8, 8), dtype=jnp.float32, names=("bogus", "embed"),
                     rules=RULES, axis_sizes=AXES)
-  # logical_rules from config reach build.py
+  # config.mesh.rules reach the runs' sharding options
   cfg = ml_collections.ConfigDict(dict(rules="heads=none"))
-  assert dict(model_build.logical_rules(None, cfg))["heads"] == ()
+  assert common.sharding_options(cfg)["rules"]["heads"] == ()
 
 
 def test_strict_mode_names_parameter_dimension_and_axis():
@@ -222,20 +225,34 @@ def _check_sharded(tree_shardings, mesh):
   assert {a for a, n in mesh.shape.items() if n > 1 and a != "data"} <= used
 
 
+def _teacher_shardings(model, mesh, mesh_config=None):
+  """(boxed abstract TrainState, its NamedShardings), as runs.teacher.TeacherRun computes them."""
+  abstract = state_lib.abstract_state(model, TX, data_shape=IMAGE, num_classes=NUM_CLASSES)
+  return abstract, common.shardings(abstract, mesh=mesh,
+                                    options=common.sharding_options(mesh_config))
+
+
+def _jit_step(step_fn, in_shardings, *, mesh):
+  """step(state, ...) -> (state, metrics) jitted like runs.common.jit_program: the state (first
+  argument) donated and returned in its shardings, the metrics replicated."""
+  return jax.jit(step_fn, in_shardings=in_shardings,
+                 out_shardings=(in_shardings[0], mesh_lib.replicated(mesh)),
+                 donate_argnums=(0,), compiler_options=FAST)
+
+
 def _teacher_run(model, params, mesh, num_steps=3, mesh_config=None):
-  from mmd_jax.training import state as state_lib
   step_fn = teacher_steps.make_teacher_step(
       model=model, tx=TX, schedule=Schedule(), prediction="v", loss_weighting="v",
       num_classes=NUM_CLASSES, cond_drop_prob=0.25, ema_decay=0.9)
-  _, sh = layout.teacher_layout(model=model, tx=TX, data_shape=IMAGE, num_classes=NUM_CLASSES,
-                                mesh=mesh, model_config=MODEL, mesh_config=mesh_config)
+  _, sh = _teacher_shardings(model, mesh, mesh_config)
   _check_sharded(sh.params, mesh)
   copy = lambda t: jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), t)
   state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=copy(params),
                                opt_state=TX.init(params), ema_params=copy(params),
                                nonfinite_step=jnp.full((), -1, jnp.int32))
   state = jax.device_put(state, sh)  # donated below: no buffer shared with `params`
-  step = layout.jit_teacher_step(step_fn, state_shardings=sh, mesh=mesh, compiler_options=FAST)
+  step = _jit_step(step_fn, (sh, mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)),
+                   mesh=mesh)
   losses = []
   for i in range(num_steps):
     state, metrics = step(state, mesh_lib.global_batch(_batch(i), mesh=mesh),
@@ -268,23 +285,29 @@ def _distill_run(model, teacher, student, variant, mesh, *, born_sharded, num_st
   step_fn = distill_steps.make_distill_step(
       config=config, denoise=denoise, schedule=Schedule(), student_tx=TX, aux_tx=aux_tx,
       data_key="image", null_label=NUM_CLASSES)
-  lay = layout.distill_layout(distill_config=config, model=model, student_tx=TX, aux_tx=aux_tx,
-                              data_shape=IMAGE, num_classes=NUM_CLASSES, mesh=mesh,
-                              model_config=MODEL, mesh_config=_rules_for(mesh.devices.shape))
-  teacher = jax.device_put(teacher, lay.teacher)
+  # The shardings of runs.student.StudentRun: the teacher's (and a preconditioner's) like the
+  # boxed parameters, the distillation state's from its boxed abstract tree.
+  init = lambda p: distill_steps.init_distill_state(config=config, init_params=p, student_tx=TX,
+                                                    aux_tx=aux_tx)
+  boxed = jax.eval_shape(lambda r: state_lib.init_params(
+      model, rng=r, data_shape=IMAGE, num_classes=NUM_CLASSES), jax.random.PRNGKey(0))
+  options = common.sharding_options(_rules_for(mesh.devices.shape))
+  teacher_sh = common.shardings(boxed, mesh=mesh, options=options)
+  state_sh = common.shardings(jax.eval_shape(init, boxed), mesh=mesh, options=options)
+  teacher = jax.device_put(teacher, teacher_sh)
   if born_sharded:
-    state = layout.init_distill_state_sharded(lay, distill_config=config, student_tx=TX,
-                                              aux_tx=aux_tx)(student)
+    state = jax.jit(lambda p: nn.unbox(init(p)), in_shardings=(teacher_sh,),
+                    out_shardings=state_sh)(student)
     assert jax.tree_util.tree_all(jax.tree_util.tree_map(
-        lambda a, s: a.sharding == s, state, lay.state))
+        lambda a, s: a.sharding == s, state, state_sh))
   else:
-    state = jax.device_put(distill_steps.init_distill_state(
-        config=config, init_params=student, student_tx=TX, aux_tx=aux_tx), lay.state)
+    state = jax.device_put(init(student), state_sh)
   with_precond = variant == "parameter_space"
-  step = layout.jit_distill_step(step_fn, layout=lay, mesh=mesh, with_precond=with_precond,
-                                 compiler_options=FAST)
+  # step(state, teacher, batch, rng[, precond]): teacher and preconditioner sharded like params
+  ins = (state_sh, teacher_sh, mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh))
+  step = _jit_step(step_fn, ins + ((teacher_sh,) if with_precond else ()), mesh=mesh)
   extra = (jax.device_put(jax.tree_util.tree_map(lambda p: jnp.full_like(p, 0.5), teacher),
-                          lay.teacher),) if with_precond else ()
+                          teacher_sh),) if with_precond else ()
   history = []
   for i in range(num_steps):
     state, metrics = step(state, teacher, mesh_lib.global_batch(_batch(10 + i), mesh=mesh),
@@ -315,12 +338,10 @@ def test_distillation_step_parity(tiny, variant):
 
 def test_fsdp_per_device_state_memory_is_one_eighth(tiny):
   model, _ = tiny
-  from mmd_jax.training import state as state_lib
   sizes = {}
   for shape in [(8, 1, 1), (1, 8, 1)]:
     mesh = _mesh(shape)
-    _, sh = layout.teacher_layout(model=model, tx=TX, data_shape=IMAGE,
-                                  num_classes=NUM_CLASSES, mesh=mesh, model_config=MODEL)
+    _, sh = _teacher_shardings(model, mesh)
     init = jax.jit(lambda r: nn.unbox(state_lib._boxed_state(model, TX, r, IMAGE, NUM_CLASSES)),
                    out_shardings=sh, compiler_options=FAST)
     sizes[shape] = init.lower(jax.random.PRNGKey(0)).compile().memory_analysis() \
@@ -332,10 +353,8 @@ def test_fsdp_per_device_state_memory_is_one_eighth(tiny):
 
 def test_checkpoint_restores_onto_another_mesh_and_device_count(tiny, tmp_path):
   model, params = tiny
-  from mmd_jax.training import state as state_lib
   src_mesh = _mesh((1, 8, 1))
-  _, src_sh = layout.teacher_layout(model=model, tx=TX, data_shape=IMAGE,
-                                    num_classes=NUM_CLASSES, mesh=src_mesh, model_config=MODEL)
+  _, src_sh = _teacher_shardings(model, src_mesh)
   state = state_lib.TrainState(step=jnp.array(5, jnp.int32), params=params,
                                opt_state=TX.init(params), ema_params=params,
                                nonfinite_step=jnp.full((), -1, jnp.int32))
@@ -345,10 +364,8 @@ def test_checkpoint_restores_onto_another_mesh_and_device_count(tiny, tmp_path):
   ckpt.wait()
   for shape in [(2, 2, 2), (1, 1, 1)]:
     mesh = _mesh(shape)
-    abstract, sh = layout.teacher_layout(model=model, tx=TX, data_shape=IMAGE,
-                                         num_classes=NUM_CLASSES, mesh=mesh,
-                                         model_config=MODEL)
-    target = ckpt_lib.abstract_with_shardings(nn.unbox(abstract), sh)
+    abstract, sh = _teacher_shardings(model, mesh)
+    target = common.with_shardings(abstract, sh)
     restored, data_state = ckpt.restore(5, abstract_state=target)
     assert data_state == {"step": 5}
     kernel = restored.params["conv_in"]["kernel"]

@@ -13,17 +13,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mmd_jax import config_lib
+from mmd_jax import config_lib, loop, runs
 from mmd_jax.data import pipeline, sources
-from mmd_jax.diffusion import conditioning
+from mmd_jax.diffusion import conditioning, samplers
 from mmd_jax.diffusion.schedules import schedule_from_config
-from mmd_jax.distill import loop as distill_loop
 from mmd_jax.distill import steps as distill_steps
-from mmd_jax.distill import teacher as teacher_lib
-from mmd_jax.evaluation import sampling
+from mmd_jax.evaluation import periodic, sampling
 from mmd_jax.models import build as model_build
 from mmd_jax.parallel import mesh as mesh_lib
-from mmd_jax.training import loop
+from mmd_jax.runs import student as teacher_lib
 from mmd_jax.training import state as state_lib
 from mmd_jax.training import steps as teacher_steps
 from tests import helpers
@@ -158,9 +156,8 @@ def test_guided_teacher_with_text_and_null_text_is_the_unconditional_branch(text
                                       jnp.concatenate([text, null])), 2)
     student = distill_steps.make_student_sampler(config=one_step, denoise=predict,
                                                  schedule=schedule)
-    teacher = sampling.make_sample_fn(model, prediction=config.model.prediction,
-                                      schedule=schedule, num_classes=0, data_shape=(8, 8, 1),
-                                      clip=None)
+    teacher = samplers.make_sample_fn(denoise=predict, schedule=schedule, num_classes=0,
+                                      data_shape=(8, 8, 1), clip=None)
     return dict(cond=cond, uncond=uncond, guided=g_text, guided_null=g_null,
                 student=student(params, key, shape=(4, 8, 8, 1), text=text),
                 teacher_sampler=teacher(params, key, jnp.zeros((4,), jnp.int32), text,
@@ -190,7 +187,7 @@ def test_evaluation_conditions_each_sample_on_a_real_caption_of_its_class(text_d
   x, sample_labels = sampling.generate(
       fake_sample_fn, None, rng=jax.random.PRNGKey(0), num=50, batch_size=20, num_classes=10,
       sampler="ancestral", num_steps=2, guidance=1.0,
-      text_fn=loop.caption_fn(text, labels, num_classes=10))
+      text_fn=periodic.caption_fn(text, labels, num_classes=10))
   assert x.shape == (50, 8, 8, 1) and len(seen) == 3 and seen[0][2] == 1.0
   got = np.concatenate([t for _, t, _ in seen])[:50]
   np.testing.assert_array_equal(sample_labels, np.arange(50) % 10)
@@ -224,7 +221,7 @@ def test_alternating_distillation_of_the_guided_text_teacher_changes_the_student
   config = _config(text_data_dir, **{"distill.teacher": teacher_dir, "eval.num_samples": 0})
   assert config.distill.variant == "alternating" and config.distill.guidance == 1.0
   workdir = str(tmp_path / "student")
-  out = distill_loop.distill_and_evaluate(config, workdir)
+  out = loop.distill_and_evaluate(config, workdir)
   saved = _state_tree(workdir, 2)
   teacher = jax.tree_util.tree_leaves(out["teacher"].params)
   for part in ("params", "aux_params"):  # both start as copies of the teacher's EMA parameters
@@ -255,11 +252,11 @@ def test_text_shape_mismatches_fail_before_compiling_and_name_both_shapes(text_t
                                        r"'label'\]; use a data set with a 'text' feature"):
     step(None, None, {"image": np.zeros((2, 8, 8, 1)), "label": np.zeros((2,))}, None)
   # A teacher trained on text f32[B, 4, 8] against a config whose model takes f32[B, 4, 16].
-  config = _config(text_data_dir, **{"model.text_dim": 16})
-  mesh = mesh_lib.make_mesh(config.mesh)
+  # (data.image_shape: shapes from the config, so the run is built without reading the data.)
+  config = _config(text_data_dir, **{"model.text_dim": 16, "distill.teacher": teacher_dir,
+                                     "data.image_shape": (8, 8, 1)})
+  run = runs.build(config, kind="student", mesh=mesh_lib.make_mesh(config.mesh), need_data=False)
   with pytest.raises(teacher_lib.TeacherError,
                      match=r"the teacher takes text f32\[B, 4, 8\] but the config's model has "
                            r"text f32\[B, 4, 16\]"):
-    teacher_lib.load_teacher(teacher_dir, config=config, data_shape=(8, 8, 1), num_classes=0,
-                             mesh=mesh, rules=model_build.logical_rules(config.model, config.mesh),
-                             text_shape=(4, 16))
+    run.load_teacher()

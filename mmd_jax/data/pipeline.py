@@ -57,7 +57,8 @@ and is identical on every process (all processes draw the same number of
 batches), so saving process 0's copy is enough, and it restores on any process
 count (shard_count is informational): a run checkpointed on 2 hosts resumes on
 1 with the same global batches. set_state refuses a state from a different
-dataset/split/seed/global batch size with a ValueError. Determinism is
+dataset/split/seed/global batch size with an IteratorStateMismatchError (a
+ValueError and a user error: one line naming the field and the fix). Determinism is
 guaranteed for a fixed grain version (0.2.18) and dataset preparation.
 """
 
@@ -71,7 +72,7 @@ import grain
 import numpy as np
 
 from mmd_jax.data import sources
-from mmd_jax.data.errors import DatasetNotPreparedError
+from mmd_jax.data.errors import DatasetNotPreparedError, IteratorStateMismatchError
 
 __all__ = [
     "DatasetNotPreparedError",
@@ -225,6 +226,38 @@ def _to_model_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------
 
 
+# How a user sets each identity field of an iterator state (the fix named in a mismatch error).
+_STATE_FIELD_HINTS = {
+    "seed": "--config.seed={saved!r}",
+    "global_batch_size": ("global batch size {saved!r} (--config.training.batch_size, or "
+                          "--config.distill.batch_size for a student)"),
+    "dataset": "data set {saved!r} (--config.data.name / --config.data.data_dir)",
+    "split": "split {saved!r} (--config.data.split)",
+    "kind": "a {saved!r} data source (--config.data.name)",
+}
+
+
+def check_same_stream(state: Any, current: Mapping[str, Any], *,
+                      ignore: tuple[str, ...]) -> None:
+  """Raises IteratorStateMismatchError, in one line naming each differing field and the fix,
+  if the saved iterator `state` describes another input stream than `current`.
+
+  A state that is not a dict or lacks fields is left to sources.check_state_matches.
+  """
+  if not isinstance(state, Mapping) or any(k not in state for k in current):
+    return
+  diffs = [k for k in current if k not in ignore and state[k] != current[k]]
+  if not diffs:
+    return
+  what = "; ".join(f"{k}: saved {state[k]!r} vs now {current[k]!r}" for k in diffs)
+  fix = ", ".join(_STATE_FIELD_HINTS.get(k, k + "={saved!r}").format(saved=state[k])
+                  for k in diffs)
+  raise IteratorStateMismatchError(
+      f"The checkpoint's data-iterator state is for another input stream ({what}), so resuming "
+      f"would not reproduce the same batches. Resume with the checkpoint's value ({fix}), or "
+      "use a new --workdir for the new value.")
+
+
 class TrainIterator:
   """Infinite per-process batch iterator with JSON-able get_state/set_state."""
 
@@ -267,9 +300,9 @@ class _GrainTrainIterator(TrainIterator):
     return json.loads(json.dumps(state))  # Plain JSON types only.
 
   def set_state(self, state: Mapping[str, Any]) -> None:
-    sources.check_state_matches(
-        state, dict(self._identity, grain=None), ignore=("grain", "shard_count")
-    )
+    current = dict(self._identity, grain=None)
+    check_same_stream(state, current, ignore=("grain", "shard_count"))
+    sources.check_state_matches(state, current, ignore=("grain", "shard_count"))
     self._iterator.set_state(state["grain"])
 
   def close(self) -> None:
@@ -293,6 +326,7 @@ class _GmmTrainIterator(TrainIterator):
     return self._inner.get_state()
 
   def set_state(self, state: Mapping[str, Any]) -> None:
+    check_same_stream(state, self._inner.get_state(), ignore=("step", "shard_count"))
     self._inner.set_state(state)
 
 

@@ -104,3 +104,16 @@ def text_shape_error(*, want, have, want_what: str, have_what: str) -> str | Non
     return None
   fmt = lambda s: "no text" if s is None else f"text f32[B, {s[0]}, {s[1]}]"
   return f"{want_what} takes {fmt(want)} but {have_what} has {fmt(have)}"
+
+
+def conditioned(denoise, params, *, guidance: float, null_label: int | None, text=None,
+                train: bool = False, rng=None):
+  """fn(z, logsnr, label) -> x_hat of an x-predictor denoise(params, z, logsnr, label, *, train,
+  rng[, text]), conditioned on `text` when given (no text= argument otherwise, so denoisers
+  without one, e.g. the exact mixture denoiser, work) and guided against the null class and/or
+  the zero text when guidance != 0. Eval mode by default; train=True with `rng` applies dropout
+  (distill.dropout='shared')."""
+  def fn(z, logsnr, label, t):
+    kw = {} if t is None else {"text": t}
+    return denoise(params, z, logsnr, label, train=train, rng=rng, **kw)
+  return bind_text(guided(fn, guidance=float(guidance), null_label=null_label), text)

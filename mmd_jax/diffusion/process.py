@@ -140,3 +140,19 @@ def sample_z_t(*, rng, x, logsnr):
   """Draws eps ~ N(0, I) and returns (z_t, eps)."""
   eps = jax.random.normal(rng, x.shape, jnp.float32)
   return diffuse(x=x, eps=eps, logsnr=logsnr), eps
+
+
+def x_predictor(model, prediction: str):
+  """denoise(params, z, logsnr, label, *, train=False, rng=None, text=None) -> x_hat for a flax
+  Module with the project's call signature, converting its `prediction` output with to_x. rng
+  feeds dropout (train=True); text (f32[B, L, D]) is passed to the model only when given."""
+  if prediction not in PREDICTIONS:
+    raise ValueError(f"Unknown prediction {prediction!r}; choose one of {PREDICTIONS}.")
+
+  def denoise(params, z, logsnr, label, *, train=False, rng=None, text=None):
+    rngs = {"dropout": rng} if rng is not None else {}
+    kw = {} if text is None else {"text": text}
+    out = model.apply({"params": params}, z, logsnr, label, train=train, rngs=rngs, **kw)
+    return to_x(prediction=prediction, output=out, z=z, logsnr=logsnr)
+
+  return denoise

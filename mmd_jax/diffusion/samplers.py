@@ -1,4 +1,4 @@
-"""Samplers: teacher ancestral (DDPM) and DDIM, the k-step student sampler, and guidance.
+"""Samplers: teacher ancestral (DDPM) and DDIM and the k-step student sampler, by name.
 
 Every sampler here walks a time grid 1 = t_0 > t_1 > ... > t_N = 0 and calls an x-predictor
 `denoise_fn(z, logsnr, label) -> x_hat`:
@@ -8,19 +8,21 @@ Every sampler here walks a time grid 1 = t_0 > t_1 > ... > t_N = 0 and calls an 
         if i == N-1: return x_hat
         z = step(z, x_hat, t_i -> t_{i+1})
 The step is ancestral, a sample of q(z_s | z_t, x_hat) (eta = 1), or deterministic DDIM (eta = 0).
+Samplers are registered by name (SAMPLERS, below); teacher and student runs resolve specs there.
 The moment-matching student's k-step sampler is the ancestral one with the student as
 denoise_fn (design note, "The student's sampler"); with k = 1 it returns g_eta(z_1).
 The loop is a lax.scan, so the compile time does not grow with the number of steps.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmd_jax.diffusion import process
+from mmd_jax.diffusion import conditioning, process
 from mmd_jax.diffusion.schedules import Schedule
 
 SPACINGS = ("uniform_t", "uniform_logsnr")
@@ -39,25 +41,6 @@ def logsnr_grid(*, num_steps: int, schedule: Schedule, spacing: str = "uniform_t
     hi, lo = (float(schedule.logsnr(0.0)), float(schedule.logsnr(1.0)))
     return np.linspace(lo, hi, num_steps + 1).astype(np.float32)
   raise ValueError(f"Unknown grid spacing {spacing!r}; choose one of {SPACINGS}.")
-
-
-def guided(denoise_fn: DenoiseFn, *, guidance: float, null_label: int) -> DenoiseFn:
-  """Classifier-free guidance (Ho & Salimans 2022) in x-space:
-  g^w = g(z, c) + w (g(z, c) - g(z, null)). With the same z this is the same as guiding eps.
-  Both passes run as one batch of twice the size.
-  """
-  if guidance == 0.0:
-    return denoise_fn
-
-  def fn(z, logsnr, label):
-    if label is None:
-      raise ValueError("Guidance needs class labels; got label=None.")
-    both = denoise_fn(jnp.concatenate([z, z]), jnp.concatenate([logsnr, logsnr]),
-                      jnp.concatenate([label, jnp.full_like(label, null_label)]))
-    cond, uncond = jnp.split(both, 2)
-    return cond + guidance * (cond - uncond)
-
-  return fn
 
 
 def sample(*, denoise_fn: DenoiseFn, rng, shape, num_steps: int, schedule: Schedule,
@@ -85,20 +68,85 @@ def sample(*, denoise_fn: DenoiseFn, rng, shape, num_steps: int, schedule: Sched
   return x_hat
 
 
-def ancestral_sample(**kwargs):
-  """The ancestral (DDPM) sampler: each step samples q(z_s | z_t, x_hat)."""
-  return sample(eta=1.0, **kwargs)
+# ----------------------------------------------------------------------------------------------
+# The registry: one name, one function. Every place that accepts a sampler spec
+# (SAMPLER:STEPS[:GUIDANCE]) resolves the name here. A sampler is
+#   fn(*, denoise_fn, rng, shape, num_steps, schedule, label, clip, settings) -> x
+# where settings is None for a teacher run and student_settings(distill config) for a student.
+# ----------------------------------------------------------------------------------------------
+
+SAMPLERS: dict[str, Callable] = {}
+STUDENT_ONLY: set[str] = set()  # samplers that need a student's settings
 
 
-def ddim_sample(**kwargs):
-  """The deterministic DDIM sampler (Song et al. 2021)."""
-  return sample(eta=0.0, **kwargs)
+def register(name: str, *, student_only: bool = False):
+  def add(fn):
+    SAMPLERS[name] = fn
+    if student_only:
+      STUDENT_ONLY.add(name)
+    return fn
+  return add
 
 
-SAMPLERS = {"ancestral": 1.0, "ddim": 0.0}
+def get(name: str) -> Callable:
+  if name not in SAMPLERS:
+    raise ValueError(f"Unknown sampler {name!r}; choose one of {tuple(SAMPLERS)}.")
+  return SAMPLERS[name]
 
 
-def eta_of(sampler: str) -> float:
-  if sampler not in SAMPLERS:
-    raise ValueError(f"Unknown sampler {sampler!r}; choose one of {tuple(SAMPLERS)}.")
-  return SAMPLERS[sampler]
+def student_settings(distill_config) -> dict:
+  """What a student's own sampler takes from its distillation config: the eta and the grid
+  spacing it was trained with."""
+  return {"eta": float(distill_config.eta), "spacing": str(distill_config.spacing)}
+
+
+def names(*, student: bool) -> tuple[str, ...]:
+  """The samplers a run can use: all of them for a student, those without settings for a
+  teacher."""
+  return tuple(n for n in SAMPLERS if student or n not in STUDENT_ONLY)
+
+
+@register("ancestral")
+def ancestral(*, settings=None, **kwargs):
+  """The ancestral (DDPM) sampler: each step samples q(z_s | z_t, x_hat), on a grid uniform in t."""
+  del settings
+  return sample(eta=1.0, spacing="uniform_t", **kwargs)
+
+
+@register("ddim")
+def ddim(*, settings=None, **kwargs):
+  """The deterministic DDIM sampler (Song et al. 2021), on a grid uniform in t."""
+  del settings
+  return sample(eta=0.0, spacing="uniform_t", **kwargs)
+
+
+@register("student", student_only=True)
+def student(*, settings, **kwargs):
+  """A moment-matching student's k-step sampler: ancestral with the eta and grid spacing it was
+  trained with (design note, "The student's sampler")."""
+  if settings is None:
+    raise ValueError("The 'student' sampler needs a distilled student's settings.")
+  return sample(eta=settings["eta"], spacing=settings["spacing"], **kwargs)
+
+
+def make_sample_fn(*, denoise, schedule: Schedule, num_classes: int, data_shape,
+                   clip: float | None, settings: dict | None = None):
+  """Returns sample(params, rng, labels, text=None, *, sampler, num_steps, guidance) -> x
+  (jitted) for an x-predictor `denoise` (process.x_predictor). sampler: a registered name
+  (SAMPLERS); settings: a student's (student_settings), None for a teacher.
+  labels reach the model only when it has classes (num_classes > 0). text: f32[B, L, D]
+  embeddings for a text-conditioned model; guidance then uses the zero text (and the null class
+  if the model has classes) as the unconditional branch."""
+  null_label = num_classes if num_classes > 0 else None
+
+  @functools.partial(jax.jit, static_argnames=("sampler", "num_steps", "guidance"))
+  def sample(params, rng, labels, text=None, *, sampler: str, num_steps: int,
+             guidance: float = 0.0):
+    fn = conditioning.conditioned(denoise, params, guidance=guidance, null_label=null_label,
+                                  text=text)
+    return get(sampler)(
+        denoise_fn=fn, rng=rng, shape=(labels.shape[0],) + tuple(data_shape),
+        num_steps=num_steps, schedule=schedule, label=labels if num_classes > 0 else None,
+        clip=clip, settings=settings)
+
+  return sample

@@ -35,10 +35,10 @@ from mmd_jax.diffusion import process
 from mmd_jax.diffusion.samplers import SPACINGS
 from mmd_jax.diffusion.schedules import Schedule
 
-VARIANTS = ("alternating", "parameter_space")
 UPDATE_SCHEDULES = ("both", "alternate")
+DROPOUTS = ("independent", "shared", "off")
 ALTERNATE_DISPATCHES = ("host", "device")
-TIME_SAMPLINGS = ("grid", "continuous")
+TIME_SAMPLINGS = ("grid", "continuous")  # and 'auto' in the config (resolve_time_sampling)
 WEIGHTINGS = ("auto", "snr_plus_one", "constant", "sigmoid", "teacher")
 PRECONDITIONERS = ("squared_grads", "adam", "identity")
 AUX_TERMS = ("student", "teacher", "data")
@@ -47,7 +47,8 @@ AUX_TERMS = ("student", "teacher", "data")
 def default_config() -> ml_collections.ConfigDict:
   """The `distill` section of an experiment config, with documented defaults.
 
-  variant            'alternating' (Algorithm 2: student + auxiliary phi) or 'parameter_space'
+  variant            a name registered in distill/steps.py VARIANTS (checked there):
+                     'alternating' (Algorithm 2: student + auxiliary phi) or 'parameter_space'
                      (Algorithm 3: no auxiliary; teacher gradient on half A, JVP on half B).
   num_student_steps  k, the number of steps of the student's sampler (1, 2, 4, 8, ...).
   update_schedule    alternating only: 'both' = phi and eta updated on every step from one batch
@@ -57,10 +58,11 @@ def default_config() -> ml_collections.ConfigDict:
                      per update, picked by step parity on the host; 'device' = one program whose
                      lax.cond picks the update. Same updates; on XLA:CPU convolutions inside a
                      conditional run on a slow generic kernel (a digits step was 8x slower).
-  time_sampling      'grid' (default) or 'continuous'; see the module docstring. 16-D GMM,
-                     3000 steps (README): k = 8 grid -0.0007 vs continuous 0.0046 energy; k = 1
-                     from the regressed teacher grid collapses (6.15 over 3 seeds), continuous
-                     does not (0.031); on the 2-D spec grid is fine at k = 1 (0.0021).
+  time_sampling      'auto' (default: 'continuous' for k = 1, else 'grid'), 'grid' or
+                     'continuous'; see the module docstring. 16-D GMM, 3000 steps (README): k = 8
+                     grid -0.0007 vs continuous 0.0046 energy; k = 1 from the regressed teacher
+                     grid collapses (6.15 over 3 seeds), continuous does not (0.031); on the 2-D
+                     spec grid is fine at k = 1 (0.0021). So k = 1 defaults to continuous.
   weighting          w(s): 'auto' (default: 'constant' for k <= 2, else 'snr_plus_one'),
                      'snr_plus_one', 'constant', 'sigmoid', 'teacher'. On the GMM benchmark
                      (2000 steps) snr_plus_one made teacher-initialised k = 1 students collapse
@@ -90,7 +92,14 @@ def default_config() -> ml_collections.ConfigDict:
   preconditioner     parameter_space only: 'squared_grads' (default; diagonal from squared
                      teacher gradients on real data, `steps.squared_grad_preconditioner`),
                      'adam' (the teacher's Adam second moments), 'identity'.
-  precond_eps        eps of Lambda = 1 / (sqrt(v) + eps).
+  precond_eps        eps of Lambda = 1 / (sqrt(v + precond_damping * median(v)) + eps)
+                     ('adam': 1 / (sqrt(v) + eps)).
+  precond_damping    'squared_grads' only: damping floor of Lambda relative to the median of the
+                     squared-gradient estimate v (>= 0; 0 = none). Default 1e-2 bounds every
+                     entry of Lambda by sqrt(1.01 / 0.01) = 10.05x the median Lambda, so that
+                     parameters the real-data estimate under-samples cannot dominate
+                     nu = -Lambda g_A (the null-class row got Lambda = 1e8 without it); see
+                     preconditioners.py.
   precond_batches    number of real-data microbatches whose squared gradients are averaged.
   nu_ema             parameter_space only: EMA decay of the direction nu over steps (bias
                      corrected); default 0.99. Not the paper's estimator (that is 0 = off, an
@@ -109,13 +118,22 @@ def default_config() -> ml_collections.ConfigDict:
                      the 16-D GMM benchmark the teacher-initialised k = 1 student collapsed onto
                      one mode (energy 6.16 vs the teacher's 6.90) and the one started from its
                      k = 2 student did not (0.047); see the README.
-  """
+    dropout            'independent' (default; the student and the auxiliary run their dropout with
+                     their own masks, the teacher runs without), 'shared' (alternating only: the
+                     teacher is evaluated with the auxiliary's dropout mask, so their difference
+                     is exactly 0 at initialisation, as in one public reimplementation) or 'off'
+                     (every network in eval mode). Measured on the digits: README "Fidelity".
+  clip_train_draws   False (default) = z_s is drawn from the unclipped x_tilde while the student's
+                     sampler clips its x_hat to +-diffusion.clip_x; True = the draw clips x_tilde
+                     the same way, so training and sampling follow the same trajectories.
+                     Measured on the digits: README "Fidelity".
+"""
   c = ml_collections.ConfigDict()
   c.variant = "alternating"
   c.num_student_steps = 8
   c.update_schedule = "both"
   c.alternate_dispatch = "host"
-  c.time_sampling = "grid"
+  c.time_sampling = "auto"
   c.weighting = "auto"
   c.weighting_bias = 0.0
   c.teacher_weighting = "v"
@@ -126,6 +144,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.aux_terms = "student,teacher"
   c.preconditioner = "squared_grads"
   c.precond_eps = 1e-8
+  c.precond_damping = 1e-2  # Lambda <= 10.05x its median (preconditioners.DEFAULT_DAMPING)
   c.precond_batches = 16
   c.nu_ema = 0.99
   c.ema_decay = 0.998
@@ -133,6 +152,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.batch_size = 512
   c.num_steps = 5000
   c.init_from = ""
+  c.dropout = "independent"
+  c.clip_train_draws = False
   c.optim = ml_collections.ConfigDict(dict(
       learning_rate=1e-4, warmup_steps=0, schedule="cosine", b1=0.0, b2=0.99, eps=1e-8,
       weight_decay=0.0, grad_clip=0.0))
@@ -146,14 +167,17 @@ def validate_config(config) -> None:
     if value not in options:
       raise ValueError(f"distill.{name}={value!r} is not one of {options}.")
 
-  choice("variant", VARIANTS)
   choice("update_schedule", UPDATE_SCHEDULES)
   if "alternate_dispatch" in config:
     choice("alternate_dispatch", ALTERNATE_DISPATCHES)
-  choice("time_sampling", TIME_SAMPLINGS)
+  choice("time_sampling", ("auto",) + TIME_SAMPLINGS)
   choice("weighting", WEIGHTINGS)
   choice("spacing", SPACINGS)
   choice("preconditioner", PRECONDITIONERS)
+  choice("dropout", DROPOUTS)
+  if not isinstance(config.get("clip_train_draws", False), bool):
+    raise ValueError(f"distill.clip_train_draws must be True or False, got "
+                     f"{config.clip_train_draws!r}.")
   k = config.get("num_student_steps")
   if not isinstance(k, int) or isinstance(k, bool) or k < 1:
     raise ValueError(f"distill.num_student_steps must be a positive int, got {k!r}.")
@@ -162,6 +186,10 @@ def validate_config(config) -> None:
                      f"got {config.init_from!r}.")
   if not 0.0 <= float(config.get("nu_ema", 0.0)) < 1.0:
     raise ValueError(f"distill.nu_ema must be in [0, 1), got {config.nu_ema}.")
+  damping = float(config.get("precond_damping", 0.0))
+  if not (damping >= 0.0 and damping < float("inf")):
+    raise ValueError(f"distill.precond_damping must be a finite number >= 0, got "
+                     f"{config.precond_damping}.")
   if not 0.0 <= float(config.get("eta", 1.0)) <= 1.0:
     raise ValueError(f"distill.eta must be in [0, 1], got {config.eta}.")
   parse_aux_terms(config.get("aux_terms", "student,teacher"))
@@ -204,6 +232,14 @@ def sample_times(*, rng, batch: int, num_student_steps: int, time_sampling: str)
     u_s = u_t - (1.0 - jax.random.uniform(r2, (batch,))) / k  # in [t - 1/k, t)
     return u_t, jnp.maximum(u_s, 0.0)
   raise ValueError(f"Unknown time_sampling {time_sampling!r}; choose one of {TIME_SAMPLINGS}.")
+
+
+def resolve_time_sampling(config) -> str:
+  """config.time_sampling with 'auto' resolved by config.num_student_steps: 'continuous' for a
+  one-step student (grid times collapse it on the 16-D mixture, README), else 'grid'."""
+  if config.time_sampling == "auto":
+    return "continuous" if int(config.num_student_steps) == 1 else "grid"
+  return config.time_sampling
 
 
 def resolve_weighting(config) -> str:

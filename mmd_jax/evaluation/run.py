@@ -30,22 +30,21 @@ import warnings
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
 
-from mmd_jax import config_lib
+from mmd_jax import config_lib, io_utils, runs
 from mmd_jax.data import pipeline
-from mmd_jax.diffusion import samplers
 from mmd_jax.evaluation import eval_fields, fid, pixel_metrics
 from mmd_jax.evaluation import precision_recall as pr_lib
-from mmd_jax.evaluation import sampling, sharded_eval
-from mmd_jax.models import build as model_build
+from mmd_jax.evaluation import sharded_eval
+from mmd_jax.parallel import distributed
 from mmd_jax.parallel import mesh as mesh_lib
+from mmd_jax.runs import common as runs_common
 from mmd_jax.training import checkpoint as ckpt_lib
-from mmd_jax.training import logging_lib, optim, state as state_lib
+from mmd_jax.training import logging_lib
 
 STANDIN_NOTICE = ("No Inception weights (config.eval.inception_npz is empty): using the STAND-IN "
                   "feature extractor; its numbers are NOT FID (keys standin_*).")
@@ -122,6 +121,7 @@ class LoadedRun:
   num_classes: int          # the model's (0: labels are ignored)
   eval_classes: int         # the data set's: samples are class-balanced over these
   data_shape: tuple
+  run: Any = None           # the runs.Run it was restored with
   _sharded: dict = dataclasses.field(default_factory=dict)
 
   def sharded_sampler(self, spec: dict):
@@ -157,106 +157,51 @@ def load_run(config, workdir: str, *, overrides: dict | None = None, mesh=None) 
   """
   if not _has_checkpoints(workdir):
     raise _no_checkpoint(workdir)
-  ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
+  ckpt, _, step = runs_common.open_checkpoint(
+      workdir, error=lambda m: _no_checkpoint(workdir), missing="")
   try:
-    step = ckpt.latest_step()
-    if step is None:
-      raise _no_checkpoint(workdir)
     saved = ckpt.saved_config(step)
     cfg = effective_config(config, saved, overrides)
     _check_eval_fields(cfg)
-    kind = "student" if "teacher_record" in saved else "teacher"
     if int(cfg.model.get("text_dim", 0) or 0) > 0:
       raise EvalError("--mode=eval does not evaluate text-conditioned models yet (the run's "
                       "model.text_dim > 0): it needs prompts.")
-    from mmd_jax.training import loop as train_loop
-    info, data_shape, num_classes, model, schedule = train_loop.build_components(cfg)
-    if info["image_shape"] is None:
+    mesh = mesh_lib.make_mesh(cfg.mesh) if mesh is None else mesh
+    run = runs.build(cfg, kind=runs.kind_of(cfg, saved), mesh=mesh)
+    if not run.spec.is_image:
       raise EvalError(f"--mode=eval evaluates image models; data.name={cfg.data.name!r} is not "
                       "images (use experiments/gmm_benchmark.py for mixtures).")
-    specs = resolve_specs(cfg, kind=kind, num_classes=num_classes, workdir=workdir)
-    mesh = mesh_lib.make_mesh(cfg.mesh) if mesh is None else mesh
+    specs = resolve_specs(cfg, run=run, workdir=workdir)
     mesh_lib.check_batch_divisible(batch_size=int(cfg.eval.batch_size), mesh=mesh,
                                    what="eval.batch_size")
-    rules = model_build.logical_rules(cfg.model, cfg.mesh)
-    clip = cfg.diffusion.get("clip_x")
-
-    if kind == "teacher":
-      tx = optim.make_optimizer(cfg.optim, total_steps=int(cfg.training.num_steps))
-      abstract = state_lib.abstract_state(model, tx, data_shape=data_shape,
-                                          num_classes=num_classes)
-      sample_fn = sampling.make_sample_fn(model, prediction=cfg.model.prediction,
-                                          schedule=schedule, num_classes=num_classes,
-                                          data_shape=data_shape, clip=clip)
-    else:
-      from mmd_jax.distill import loop as distill_loop
-      from mmd_jax.distill import steps as distill_steps
-      student_tx, aux_tx = distill_steps.make_optimizers(cfg.distill)
-      boxed = jax.eval_shape(lambda r: state_lib.init_params(
-          model, rng=r, data_shape=data_shape, num_classes=num_classes), jax.random.PRNGKey(0))
-      abstract = jax.eval_shape(lambda p: distill_steps.init_distill_state(
-          config=cfg.distill, init_params=p, student_tx=student_tx, aux_tx=aux_tx), boxed)
-      denoise = distill_steps.make_x_predictor(model, cfg.model.prediction)
-      sample_fn = distill_loop.make_student_sample_fn(config=cfg, denoise=denoise,
-                                                      schedule=schedule, data_shape=data_shape,
-                                                      clip=clip)
-    shardings = state_lib.state_shardings(abstract, mesh=mesh, rules=rules,
-                                          mesh_config=cfg.mesh)
-    state, _ = ckpt.restore(step, abstract_state=ckpt_lib.abstract_with_shardings(
-        state_lib.unboxed(abstract), shardings))
+    state, _ = run.restore(ckpt, step)
   finally:
     ckpt.close()
   ema = bool(cfg.eval.get("use_ema", True))
   params = state.ema_params if ema else state.params
-  return LoadedRun(kind=kind, workdir=workdir, step=int(step), config=cfg, params=params,
+  shardings = run.state_shardings
+  return LoadedRun(kind=run.kind, workdir=workdir, step=int(step), config=cfg, params=params,
                    param_shardings=shardings.ema_params if ema else shardings.params,
-                   fingerprint=fingerprint(params), mesh=mesh, sample_fn=sample_fn, specs=specs,
-                   num_classes=num_classes, eval_classes=int(info["num_classes"]),
-                   data_shape=data_shape)
+                   fingerprint=runs_common.fingerprint(params), mesh=mesh,
+                   sample_fn=run.sample_fn(), specs=specs, num_classes=run.spec.num_classes,
+                   eval_classes=run.spec.eval_classes, data_shape=run.spec.data_shape, run=run)
 
 
-def fingerprint(params) -> str:
-  """Hash of the parameters' structure, shapes and per-leaf sums / sums of squares (one jitted
-  reduction, no host copy of the weights): evaluation state of other weights is never reused."""
-  leaves, treedef = jax.tree_util.tree_flatten(params)
-  sums = jax.device_get(jax.jit(lambda xs: [
-      (jnp.sum(x.astype(jnp.float32)), jnp.sum(jnp.square(x.astype(jnp.float32))))
-      for x in xs])(leaves))
-  h = hashlib.sha256(str(treedef).encode())
-  for x, (a, q) in zip(leaves, sums):
-    h.update(f"{x.shape}{x.dtype}{np.float64(a):.9e}{np.float64(q):.9e}".encode())
-  return h.hexdigest()[:16]
-
-
-def resolve_specs(cfg, *, kind: str, num_classes: int, workdir: str,
-                  text: str | None = None) -> list[dict]:
-  """The specs to evaluate: `text` or config.eval.specs; empty means eval.final for a teacher and
-  its own k-step sampler for a student. A user error for anything the run cannot sample."""
+def resolve_specs(cfg, *, run, workdir: str, text: str | None = None) -> list[dict]:
+  """The specs to evaluate: `text` or config.eval.specs, every sampler resolved through the
+  registry (diffusion.samplers: a teacher takes ancestral / ddim, a student also its own
+  'student' sampler); empty means eval.final for a teacher and its own k-step sampler for a
+  student. A user error for anything the run cannot sample."""
   text = cfg.eval.specs if text is None else text
-  if kind == "teacher":
-    specs = config_lib.parse_sampler_specs(text or cfg.eval.get("final", ""), key="eval.specs")
-    for s in specs:
-      if s["sampler"] not in samplers.SAMPLERS:
-        raise EvalError(f"config.eval.specs: {workdir} is a teacher; sampler {s['sampler']!r} is "
-                        f"not one of {tuple(samplers.SAMPLERS)}.")
-      if s["guidance"] and num_classes == 0:
-        raise EvalError("config.eval.specs: guidance needs a class-conditional model.")
-  else:
-    own = f"student_{cfg.distill.variant}"
-    if not text:
-      specs = [{"sampler": own, "num_steps": int(cfg.distill.num_student_steps),
-                "guidance": 0.0}]
-    else:
-      specs = config_lib.parse_sampler_specs(text, key="eval.specs")
-      for s in specs:
-        if s["sampler"] not in ("student", own) or s["guidance"]:
-          raise EvalError(f"config.eval.specs: {workdir} is a distilled student; write "
-                          f"'student:K' (its own sampler with K steps, no guidance), not "
-                          f"{s['sampler']}:{s['num_steps']}:{s['guidance']:g}.")
-        s["sampler"] = own
+  if run.kind == "student" and not text:
+    return [run.own_spec()]
+  specs = config_lib.parse_sampler_specs(text or cfg.eval.get("final", ""), key="eval.specs")
   if not specs:
     raise EvalError("Nothing to evaluate: set --config.eval.specs=SAMPLER:STEPS[,...].")
-  return specs
+  try:
+    return run.check_specs(specs, key="eval.specs")
+  except config_lib.ConfigError as e:
+    raise EvalError(f"{e} ({workdir} is a {run.kind} run.)") from None
 
 
 def sample_images(run: LoadedRun, *, labels, spec: dict, seed: int | None = None) -> np.ndarray:
@@ -271,7 +216,7 @@ def sample_images(run: LoadedRun, *, labels, spec: dict, seed: int | None = None
   for b, start in enumerate(range(0, len(labels), bsz)):
     part = labels[start:start + bsz]
     padded = np.concatenate([part, np.zeros(bsz - len(part), np.int32)])
-    keys = sharded_eval.batch_keys(seed=seed, batch_index=b, num_groups=jax.process_count())
+    keys = sharded_eval.batch_keys(seed=seed, batch_index=b)
     x = sampler(run.params, keys, sharded_eval.to_global(padded, batch_sh))
     out.append(np.asarray(jax.device_get(x))[:len(part)])
   return np.concatenate(out)
@@ -317,11 +262,13 @@ def _data_reference(cfg, workdir, extractor, mesh, *, need_features: bool):
   path = epath.Path(workdir, "eval", f"reference_{hashlib.sha256(key.encode()).hexdigest()[:10]}"
                     ".npz")
   source = f"data:{cfg.data.name}/{cfg.data.get('split', 'train')}"
-  if path.exists():
-    d = sharded_eval.read_npz(path)
-    if not need_features or "features" in d:
-      return Reference(d["mu"], d["sigma"], f"{source}:{int(d['count'])} ({path})",
-                       d.get("features"))
+  d = io_utils.read_npz_or_none(path, what="reference statistics", missing_ok=True)
+  usable = d is not None and {"mu", "sigma", "count"} <= set(d) and (
+      not need_features or "features" in d)
+  # Every process must read it, or every one computes it (feature_pass is a collective).
+  if distributed.all_agree(usable):
+    return Reference(d["mu"], d["sigma"], f"{source}:{int(d['count'])} ({path})",
+                     d.get("features"))
   images, _ = pipeline.load_eval_arrays(cfg.data, max_examples=n)
   t0 = time.time()
   stats, feats = sharded_eval.feature_pass(images=images, extractor=extractor, mesh=mesh,
@@ -404,8 +351,9 @@ def pixel_reference(cfg, workdir) -> PixelReference:
                     "seed": int(cfg.seed), "version": 1}, sort_keys=True)
   path = epath.Path(workdir, "eval",
                     f"pixel_reference_{hashlib.sha256(key.encode()).hexdigest()[:10]}.npz")
-  if path.exists():
-    d = sharded_eval.read_npz(path)
+  d = io_utils.read_npz_or_none(path, what="pixel reference", missing_ok=True)
+  usable = d is not None and {"mu", "sigma", "coef", "intercept", "classes"} <= set(d)
+  if distributed.all_agree(usable):  # the same reference on every process
     return PixelReference(d["mu"], d["sigma"], LinearClassifier(d["coef"], d["intercept"],
                                                                 d["classes"]))
   from sklearn.linear_model import LogisticRegression
@@ -446,7 +394,7 @@ def evaluate_checkpoint(config, workdir: str, *, run: LoadedRun | None = None,
   cfg = run.config
   if specs is None or isinstance(specs, str):
     spec_list = run.specs if specs is None else resolve_specs(
-        cfg, kind=run.kind, num_classes=run.num_classes, workdir=run.workdir, text=specs)
+        cfg, run=run.run, workdir=run.workdir, text=specs)
   else:
     spec_list = [dict(s) for s in specs]
   extractor = make_extractor(cfg)

@@ -148,12 +148,6 @@ def mode_weight_error(x, mixture) -> float:
   return mode_weight_error_from_assignments(assign_components(x, mixture), mixture.weights)
 
 
-def mode_fractions(x, mixture) -> np.ndarray:
-  """Fraction of the samples assigned to each component: f64[K]."""
-  k = np.asarray(mixture.weights).shape[0]
-  return np.bincount(assign_components(x, mixture), minlength=k) / np.asarray(x).shape[0]
-
-
 def all_metrics(samples, reference, mixture, *, num_projections: int = 512, seed: int = 0) -> dict:
   """{"energy", "sliced_w2", "loglik", "mode_weight_error"} of samples vs reference samples."""
   samples = _as_2d("samples", samples)

@@ -5,11 +5,11 @@ mesh's batch axes ("data", "fsdp") by explicit jit in/out shardings. Every proce
 ceil(N / B) batches (one compiled shape); rows whose global index is >= N are padding and enter
 every statistic with weight 0.
 
-Randomness. With P processes, batch b uses the keys k_p = fold_in(fold_in(PRNGKey(seed), b), p),
-p < P: the batch's labels are reshaped to [P, B / P] and the sampler is vmapped over the P row
-blocks, block p drawing its noise from k_p. Labels are class-balanced by global row index. JAX's
-partitionable threefry makes the samples independent of the mesh and the device count; they
-depend on (seed, B, P) only.
+Randomness. Batch b uses the key fold_in(fold_in(PRNGKey(seed), b), 0) for all its rows
+(labels class-balanced by global row index). JAX's partitionable threefry makes the samples
+independent of the mesh, the device count and the process count: they depend on (seed, B)
+only, so an evaluation gives the same statistics on one process or several, and one stopped on
+two processes resumes on one.
 
 Statistics. Each row is owned by one process (the first device holding it in mesh order). A
 process quantises its rows to uint8 on the host (the FID protocol, mmd_jax.evaluation.fid), runs
@@ -19,13 +19,23 @@ rows' features / logits (for precision-recall and the Inception Score). At the e
 added over processes.
 
 Resume. The state lives in WORKDIR/eval/<run name>, where the name ends in a hash of the spec
-(checkpoint step and fingerprint, sampler, steps, guidance, N, B, seed, P, feature protocol, what
-is kept, ...), so another spec never reuses it:
-  spec.json                          the spec (written once, checked on resume)
-  state_p<proc>_b<done>.npz          the accumulators after `done` batches (the last two kept)
-  chunk_p<proc>_b<start>-<end>.npz   kept rows (global index, features, logits) of those batches
-written every `save_every` batches (np.savez, read with allow_pickle=False). A rerun with the same
-spec continues after the last save that every process has; a finished one returns at once.
+(checkpoint step and fingerprint, sampler, steps, guidance, N, B, seed, feature protocol, what
+is kept, ...; not the process count), so another spec never reuses it:
+  spec.json                          the spec (written once, checked on resume; a damaged one
+                                     is rewritten and the evaluation recomputed, with a warning)
+  state_p00000_b<done>.npz           the accumulators of ALL processes after `done` batches,
+                                     summed (the last two kept)
+  chunk_p00000_b<start>-<end>.npz    kept rows (global index, features, logits) of those batches,
+                                     from all processes
+written every `save_every` batches (np.savez, read with allow_pickle=False), all of them atomically
+(mmd_jax.io_utils: temporary file + rename), by process 0 only: at a save the processes add up
+their sums and gather their kept rows (collectives every process enters at the same batch).
+Process 0 alone reads spec.json and the saves and decides, for every process, whether the spec
+matches and after which batch to resume (the others start that run with empty sums; process 0
+holds the restored ones), so a process count different from the interrupted run's resumes too,
+and no process can skip a collective because it saw other files. A finished evaluation returns
+at once. A damaged state or chunk file (e.g. truncated) is dropped with a warning and its
+batches are sampled again.
 """
 from __future__ import annotations
 
@@ -44,19 +54,24 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from mmd_jax import io_utils
 from mmd_jax.evaluation import fid
 from mmd_jax.evaluation.sampling import class_labels
+from mmd_jax.parallel import distributed
 from mmd_jax.parallel import mesh as mesh_lib
 
-STATE_VERSION = 1
+# 2: one merged state of all processes, written by process 0; keys independent of the process
+# count (1: one state per process, keys per process).
+STATE_VERSION = 2
 
 
 # ----------------------------------------------------------------------------------------------
 # Keys, shardings, rows
 # ----------------------------------------------------------------------------------------------
 
-def batch_keys(*, seed: int, batch_index: int, num_groups: int) -> np.ndarray:
-  """uint32[num_groups, 2]: key of row block p of batch b = fold_in(fold_in(seed, b), p)."""
+def batch_keys(*, seed: int, batch_index: int, num_groups: int = 1) -> np.ndarray:
+  """uint32[num_groups, 2]: key of row block p of batch b = fold_in(fold_in(seed, b), p). The
+  evaluation uses one group (its samples do not depend on the process count)."""
   key = jax.random.fold_in(jax.random.PRNGKey(int(seed)), int(batch_index))
   return np.stack([np.asarray(jax.random.fold_in(key, p)) for p in range(int(num_groups))])
 
@@ -204,15 +219,13 @@ def run_name(spec: dict) -> str:
 
 
 def write_npz(path: epath.Path, arrays: dict) -> None:
-  buf = io.BytesIO()
-  np.savez(buf, **arrays)
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_bytes(buf.getvalue())
-  tmp.replace(path)
+  """Atomic np.savez (io_utils.write_npz_atomic): a crash never leaves a truncated file."""
+  io_utils.write_npz_atomic(path, arrays)
 
 
 def read_npz(path: epath.Path) -> dict:
-  with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as data:
+  """All arrays of an npz (allow_pickle=False); raises on a missing or damaged file."""
+  with np.load(io.BytesIO(epath.Path(path).read_bytes()), allow_pickle=False) as data:
     return {k: data[k] for k in data.files}
 
 
@@ -234,18 +247,52 @@ def _chunks(eval_dir: epath.Path, proc: int) -> list[tuple[int, int, epath.Path]
   return sorted(out, key=lambda c: c[0])
 
 
-def _common_resume_point(local_steps: list[int]) -> int:
-  """The largest saved `done` that every process has (0 if none)."""
-  mine = (local_steps[-2:] + [-1, -1])[:2]
-  if jax.process_count() == 1:
-    both = [s for s in mine if s >= 0]
-    return max(both) if both else 0
-  table = np.asarray(multihost_utils.process_allgather(np.asarray(mine, np.int32)))
-  common = set(table[0].tolist())
-  for row in table[1:]:
-    common &= set(row.tolist())
-  common.discard(-1)
-  return max(common) if common else 0
+def _discard_progress(eval_dir: epath.Path) -> None:
+  """Removes the saved states and chunks (the evaluation restarts from batch 0)."""
+  for pattern in ("state_p*_b*.npz", "chunk_p*_b*.npz"):
+    for p in eval_dir.glob(pattern):
+      p.unlink(missing_ok=True)
+
+
+def _readable_progress(eval_dir: epath.Path, proc: int) -> tuple[dict[int, dict], dict[str, dict]]:
+  """({done: state arrays}, {chunk file name: arrays}) of this process's usable saves.
+
+  A state or chunk file that is truncated or unreadable (a crash mid-write by an older version,
+  a damaged disk) is removed with a warning; a state after a damaged chunk is dropped too (its
+  kept rows are incomplete), so the evaluation resumes from an earlier save or from the start.
+  """
+  chunks, first_bad_chunk_end = {}, None
+  for c0, c1, p in _chunks(eval_dir, proc):
+    arrays = io_utils.read_npz_or_none(p, what="sharded evaluation rows")
+    if arrays is None or "index" not in arrays:
+      logging.warning("evaluation %s: dropping damaged %s; batches from %d on are recomputed.",
+                      eval_dir, p.name, c0)
+      p.unlink(missing_ok=True)
+      first_bad_chunk_end = c1 if first_bad_chunk_end is None else min(first_bad_chunk_end, c1)
+    else:
+      chunks[p.name] = arrays
+  states = {}
+  for done in _state_steps(eval_dir, proc):
+    p = eval_dir / f"state_p{proc:05d}_b{done:08d}.npz"
+    arrays = io_utils.read_npz_or_none(p, what="sharded evaluation state")
+    ok = arrays is not None
+    if ok:
+      try:
+        Accumulator.from_arrays(arrays)
+        ok = int(arrays["batches_done"]) == done
+      except (KeyError, ValueError, TypeError):
+        ok = False
+    if not ok:
+      logging.warning("evaluation %s: dropping damaged %s; resuming from an earlier save.",
+                      eval_dir, p.name)
+      p.unlink(missing_ok=True)
+    elif first_bad_chunk_end is not None and done >= first_bad_chunk_end:
+      logging.warning("evaluation %s: dropping %s (kept rows of an earlier batch are "
+                      "damaged).", eval_dir, p.name)
+      p.unlink(missing_ok=True)
+    else:
+      states[done] = arrays
+  return states, chunks
 
 
 def _allgather_f64(x: np.ndarray) -> np.ndarray:
@@ -258,10 +305,15 @@ def _allgather_f64(x: np.ndarray) -> np.ndarray:
 
 
 def _allgather_rows(x: np.ndarray) -> np.ndarray:
-  """Concatenation over processes of per-process row arrays of different lengths."""
+  """Concatenation over processes of per-process row arrays of different lengths (a process
+  without rows may pass a (0, 0) array: the width is taken from the others)."""
   if jax.process_count() == 1:
     return x
-  n = np.asarray(multihost_utils.process_allgather(np.asarray([len(x)], np.int32))).reshape(-1)
+  meta = np.asarray([len(x), x.shape[1] if x.ndim > 1 else -1], np.int32)
+  table = np.asarray(multihost_utils.process_allgather(meta)).reshape(-1, 2)
+  n, width = table[:, 0], int(table[:, 1].max())
+  if x.ndim > 1 and len(x) == 0:
+    x = np.zeros((0, width) + x.shape[2:], x.dtype)
   pad = np.zeros((int(n.max()) - len(x),) + x.shape[1:], x.dtype)
   raw = np.concatenate([x, pad])
   if raw.dtype == np.float64:
@@ -325,7 +377,7 @@ def evaluate_samples(*, spec: dict, sampler, params, mesh, extractor: fid.Featur
     raise ValueError(f"num_samples and batch_size must be >= 1, got {n}, {bsz}.")
   num_batches = math.ceil(n / bsz)
   procs, me = jax.process_count(), jax.process_index()
-  full_spec = dict(spec, num_processes=procs, protocol=extractor.protocol,
+  full_spec = dict(spec, protocol=extractor.protocol,
                    keep_features=bool(keep_features), keep_logits=bool(keep_logits),
                    pixel_stats=bool(pixel_stats), classifier=classifier is not None,
                    state_version=STATE_VERSION)
@@ -333,27 +385,45 @@ def evaluate_samples(*, spec: dict, sampler, params, mesh, extractor: fid.Featur
     raise ValueError("pass exactly one of eval_root and eval_dir.")
   eval_dir = eval_dir or os.path.join(eval_root, run_name(full_spec))
   path = epath.Path(eval_dir)
-  path.mkdir(parents=True, exist_ok=True)
   spec_file = path / "spec.json"
-  if spec_file.exists():
-    saved = json.loads(spec_file.read_text())
-    if saved != json.loads(json.dumps(full_spec)):
-      raise ValueError(f"{eval_dir} holds another evaluation (spec {saved}); "
-                       "remove it or use another eval directory.")
-  elif me == 0:
-    spec_file.write_text(json.dumps(full_spec, sort_keys=True, indent=1))
 
-  # ----- resume -----
-  start = _common_resume_point(_state_steps(path, me))
-  acc = None
-  if start > 0:
-    acc = Accumulator.from_arrays(read_npz(path / f"state_p{me:05d}_b{start:08d}.npz"))
-  kept = []
-  for c0, c1, p in _chunks(path, me):
-    if c1 <= start:
-      kept.append(read_npz(p))
-    else:
-      p.unlink()  # rows of batches after the resume point: they are sampled again
+  # ----- process 0 reads the directory and decides for every process -----
+  status, start, states, chunks = _SPEC_NEW, 0, {}, {}
+  if me == 0:
+    path.mkdir(parents=True, exist_ok=True)
+    saved = None
+    if spec_file.exists():
+      saved = io_utils.read_json_or_none(spec_file, what="sharded evaluation spec")
+      if not isinstance(saved, dict):
+        logging.warning("evaluation %s: spec.json is damaged; recomputing this evaluation from "
+                        "the start (saved batches are not trusted without their spec).",
+                        eval_dir)
+        _discard_progress(path)
+        saved = None
+      elif saved != json.loads(json.dumps(full_spec)):
+        status = _SPEC_OTHER
+      else:
+        status = _SPEC_SAME
+    if saved is None:
+      io_utils.write_json_atomic(spec_file, full_spec)
+    if status == _SPEC_SAME:
+      states, chunks = _readable_progress(path, 0)
+      start = max(states) if states else 0
+  status = distributed.agree(status)
+  if status == _SPEC_OTHER:
+    raise ValueError(f"{eval_dir} holds another evaluation (spec.json differs from {full_spec}); "
+                     "remove it or use another eval directory.")
+  start = distributed.agree(start)
+
+  # ----- resume: process 0 holds the sums and kept rows of the batches before `start` -----
+  acc, kept = None, []
+  if me == 0:
+    acc = Accumulator.from_arrays(states[start]) if start > 0 else None
+    for c0, c1, p in _chunks(path, 0):
+      if c1 <= start:
+        kept.append(chunks[p.name])
+      else:
+        p.unlink()  # rows of batches after the resume point: they are sampled again
   if start:
     logging.info("evaluation %s: resuming after %d of %d batches", eval_dir, start, num_batches)
 
@@ -364,29 +434,31 @@ def evaluate_samples(*, spec: dict, sampler, params, mesh, extractor: fid.Featur
   ran = 0
 
   def save(done):
+    """Collective: every process calls it after the same batch; process 0 writes."""
     nonlocal last_save
-    if acc is None:
-      return
-    if acc.pending:
-      idx = np.concatenate([p[0] for p in acc.pending]).astype(np.int64)
-      arrays = {"index": idx}
+    merged = merge_over_processes(acc)
+    if keep_features or keep_logits:
+      mine = {"index": np.concatenate([p[0] for p in acc.pending]).astype(np.int64)}
       if keep_features:
-        arrays["features"] = np.concatenate([p[1] for p in acc.pending])
+        mine["features"] = _concat_rows([p[1] for p in acc.pending])
       if keep_logits:
-        arrays["logits"] = np.concatenate([p[2] for p in acc.pending])
-      write_npz(path / f"chunk_p{me:05d}_b{last_save:08d}-{done:08d}.npz", arrays)
-      kept.append(arrays)
-      acc.pending = []
-    write_npz(path / f"state_p{me:05d}_b{done:08d}.npz", acc.arrays(batches_done=done))
-    for old in _state_steps(path, me)[:-2]:
-      (path / f"state_p{me:05d}_b{old:08d}.npz").unlink()
+        mine["logits"] = _concat_rows([p[2] for p in acc.pending])
+      kept.append(mine)
+      gathered = {k: _allgather_rows(v) for k, v in mine.items()}
+      if me == 0:
+        write_npz(path / f"chunk_p00000_b{last_save:08d}-{done:08d}.npz", gathered)
+    acc.pending = []
+    if me == 0:
+      write_npz(path / f"state_p00000_b{done:08d}.npz", merged.arrays(batches_done=done))
+      for old in _state_steps(path, 0)[:-2]:
+        (path / f"state_p00000_b{old:08d}.npz").unlink()
     last_save = done
 
   for b in range(start, num_batches):
     if max_batches is not None and ran >= max_batches:
       break
     labels = class_labels(bsz, int(spec["num_classes"]), offset=b * bsz)
-    keys = batch_keys(seed=int(spec["seed"]), batch_index=b, num_groups=procs)
+    keys = batch_keys(seed=int(spec["seed"]), batch_index=b, num_groups=1)
     x = sampler(params, keys, to_global(labels, batch_sh))
     x_rows = fetch_rows(x, blocks)
     weights = (b * bsz + rows < n).astype(np.float64)
@@ -413,25 +485,37 @@ def evaluate_samples(*, spec: dict, sampler, params, mesh, extractor: fid.Featur
   if done != last_save:
     save(done)
 
-  if acc is None:  # nothing sampled and nothing saved: only possible with max_batches=0
-    acc = Accumulator.new(feature_dim=extractor.dim, pixel_dim=None)
+  if procs > 1 or acc is None:  # the same accumulator shapes on every process
+    pix_dim = distributed.agree(acc.pix.sum.shape[0] if acc is not None and acc.pix is not None
+                                else 0)
+  if acc is None:  # nothing sampled here and nothing restored (max_batches=0, or process > 0)
+    acc = Accumulator.new(feature_dim=extractor.dim, pixel_dim=pix_dim or None)
   merged = merge_over_processes(acc)
   features = logits_all = None
   if keep_features or keep_logits:
     idx = np.concatenate([k["index"] for k in kept]) if kept else np.zeros(0, np.int64)
     order = np.argsort(_allgather_rows(idx.astype(np.int64)), kind="stable")
     if keep_features:
-      f = np.concatenate([k["features"] for k in kept]) if kept else np.zeros(
-          (0, merged.feat.sum.shape[0]), np.float32)
+      f = _concat_rows([k["features"] for k in kept], dim=merged.feat.sum.shape[0])
       features = _allgather_rows(f)[order]
     if keep_logits:
-      z = np.concatenate([k["logits"] for k in kept]) if kept else np.zeros((0, 0), np.float32)
-      logits_all = _allgather_rows(z)[order]
+      logits_all = _allgather_rows(_concat_rows([k["logits"] for k in kept]))[order]
   return EvalResult(
       stats=merged.feat, pixel_stats=merged.pix,
       class_acc=(merged.class_correct / merged.class_count) if merged.class_count else None,
       features=features, logits=logits_all, batches_done=done, num_batches=num_batches,
       resumed_from=start, eval_dir=eval_dir)
+
+
+_SPEC_NEW, _SPEC_SAME, _SPEC_OTHER = 0, 1, 2
+
+
+def _concat_rows(parts, *, dim: int = 0) -> np.ndarray:
+  """float32 rows of the kept parts; (0, dim) for none (_allgather_rows agrees on the width)."""
+  parts = [p for p in parts if p is not None]
+  if parts:
+    return np.concatenate(parts).astype(np.float32)
+  return np.zeros((0, dim), np.float32)
 
 
 def feature_pass(*, images, extractor: fid.FeatureExtractor, mesh, batch_size: int,

@@ -12,21 +12,35 @@ Otherwise the run is one process and nothing happens. It must run before anythin
 backend (jax.devices(), an array): main.py calls it first, and train_and_evaluate calls it again
 (a no-op once initialized) so that library users on a pod get the same behaviour.
 
-Failure is loud: the coordinator not answering within `timeout_s` or a bad argument raises
-DistributedInitError naming the coordinator, process and timeout. Nothing here catches it, so a
-pod never silently runs as N independent single-host jobs.
+Failure is loud, and never a silent single-host run. A bad argument, or an error that JAX reports
+as a Python exception, raises DistributedInitError naming the coordinator, process and timeout;
+nothing here catches it. A start-up that does not finish within `timeout_s` (the coordinator or a
+peer never answers) cannot be turned into an exception: JAX's C++ client terminates the process
+itself (SIGABRT, exit 134) when its own initialization timeout expires, before Python sees an
+error. So JAX gets `timeout_s + TIMEOUT_GRACE_S`, and a watchdog thread started next to it
+prints our one-line DistributedInitError message at `timeout_s` (to stderr, flushed) and ends
+the process with exit status 2 (os._exit), like every other user error of the command line.
 """
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from typing import Mapping
 
 import jax
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from mmd_jax.parallel.mesh import MeshError
 
 DEFAULT_TIMEOUT_S = 300
+# Extra seconds JAX's own initialization timeout gets over ours, so that our watchdog fires (with
+# our message and exit status 2) before JAX's client aborts the process.
+TIMEOUT_GRACE_S = 15
+# Exit status of a start-up timeout: that of every user error of the command line (main.py).
+TIMEOUT_EXIT_CODE = 2
 
 
 class DistributedInitError(MeshError):
@@ -80,7 +94,9 @@ def initialize(*, coordinator_address: str | None = None, num_processes: int | N
                environ: Mapping[str, str] | None = None) -> bool:
   """Starts jax.distributed when the run spans several processes (see the module docstring).
 
-  Returns True if this process is (now) part of a distributed run. Raises DistributedInitError.
+  Returns True if this process is (now) part of a distributed run. Raises DistributedInitError;
+  a start-up that does not finish within `timeout_s` prints timeout_message(...) to stderr and
+  exits the process with status 2 (JAX would abort it; see the module docstring).
   """
   explicit = any(v is not None for v in (coordinator_address, num_processes, process_id))
   if is_initialized():
@@ -98,17 +114,73 @@ def initialize(*, coordinator_address: str | None = None, num_processes: int | N
     if why is None:
       return False
     kwargs = {}
+  timeout_s = int(timeout_s)
+  if timeout_s < 1:
+    raise DistributedInitError(f"--distributed_timeout_s={timeout_s} must be >= 1 second.")
   logging.info("jax.distributed.initialize (%s), timeout %d s", why, timeout_s)
+  watchdog = _start_watchdog(timeout_s, timeout_message(why, timeout_s))
   try:
-    jax.distributed.initialize(initialization_timeout=int(timeout_s), **kwargs)
+    jax.distributed.initialize(initialization_timeout=timeout_s + TIMEOUT_GRACE_S, **kwargs)
   except Exception as e:  # re-raised with the context a user needs; never swallowed
     raise DistributedInitError(
         f"jax.distributed.initialize failed ({why}; timeout {timeout_s} s): "
         f"{type(e).__name__}: {str(e)[:800]}. Check that every process was started with the "
         "same coordinator and process count, that the coordinator (process 0) is reachable, "
         "and that nothing used JAX before start-up.") from e
+  finally:
+    watchdog.cancel()
   log_topology()
   return True
+
+
+def timeout_message(why: str, timeout_s: int) -> str:
+  """The one line printed when start-up does not finish within timeout_s."""
+  return (f"mmd_jax error (DistributedInitError): jax.distributed.initialize did not finish "
+          f"within {timeout_s} s ({why}). Start every process with the same "
+          "--coordinator_address and --num_processes and distinct --process_id values, make "
+          "sure the coordinator (process 0) is reachable from every host, or raise "
+          "--distributed_timeout_s.")
+
+
+def _start_watchdog(timeout_s: int, message: str) -> threading.Timer:
+  """A daemon timer that, unless cancelled within timeout_s, prints `message` and exits with
+  TIMEOUT_EXIT_CODE. JAX's client would otherwise abort the process (SIGABRT) from C++ when its
+  own initialization timeout expires; the blocking connect releases the GIL, so the timer runs."""
+
+  def fire():
+    try:
+      logging.flush()
+    except Exception:  # noqa: BLE001 -- best effort; the message below is what matters
+      pass
+    print(message, file=sys.stderr, flush=True)
+    os._exit(TIMEOUT_EXIT_CODE)  # pylint: disable=protected-access
+
+  timer = threading.Timer(timeout_s, fire)
+  timer.daemon = True
+  timer.start()
+  return timer
+
+
+def agree(value: int) -> int:
+  """Process 0's integer on every process (one process: `value` itself).
+
+  For choices made from files (the step to restore, whether a cache is usable) that must be the
+  same everywhere: each is followed by collectives that every process has to enter, and a host
+  that saw another file (a write in flight, a cache it cannot read) would otherwise skip them
+  and hang the others."""
+  if jax.process_count() == 1:
+    return int(value)
+  return int(multihost_utils.broadcast_one_to_all(np.asarray(int(value), np.int32)))
+
+
+def all_agree(flag: bool) -> bool:
+  """True on every process iff `flag` is True on every process (an all-gather): e.g. "this cache
+  file is readable here", where a process that cannot read it must not be the only one to
+  recompute it through collectives."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  flags = multihost_utils.process_allgather(np.asarray(int(bool(flag)), np.int32))
+  return bool(np.all(np.asarray(flags)))
 
 
 def log_topology() -> dict:

@@ -152,15 +152,6 @@ def check_batch_divisible(*, batch_size: int, mesh: Mesh, what: str = "training.
         f"tensor={mesh.shape['tensor']}, to data or fsdp).")
 
 
-def logical_shardings(abstract_boxed_tree, *, mesh: Mesh, rules, mesh_config=None):
-  """NamedShardings for a tree whose leaves may be nn.Partitioned boxes: logical rules
-  (+ config.mesh overrides), regex fallback for plain leaves, replication of dimensions that do
-  not divide (see mmd_jax.parallel.sharding)."""
-  from mmd_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
-  return sharding.tree_shardings(abstract_boxed_tree, mesh=mesh, model_rules=rules,
-                                 mesh_config=mesh_config)
-
-
 def global_batch(local_batch: dict, *, mesh: Mesh) -> dict:
   """Assembles the global batch from this process's rows, in the mesh's device order."""
   sharding = batch_sharding(mesh)

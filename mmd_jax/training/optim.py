@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import optax
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -24,17 +23,36 @@ def learning_rate_schedule(optim_config, *, total_steps: int):
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
 
 
-def make_optimizer(optim_config, *, total_steps: int) -> optax.GradientTransformation:
+def every_nth_step(schedule, *, every: int, first: int = 0):
+  """The learning rate of an optimizer that updates only on training steps first, first + every,
+  first + 2 every, ...: its n-th update (optax count n) reads `schedule`, a schedule over
+  training steps, at training step first + every * n."""
+  every, first = int(every), int(first)
+  if every < 1 or first < 0:
+    raise ValueError(f"every_nth_step: every={every} must be >= 1 and first={first} >= 0.")
+  if every == 1 and first == 0:
+    return schedule
+  return lambda count: schedule(first + every * count)
+
+
+def make_optimizer(optim_config, *, total_steps: int, update_every: int = 1,
+                   first_update: int = 0) -> optax.GradientTransformation:
   """optax chain: global-norm clipping, then AdamW (Loshchilov & Hutter 2019).
 
   Fields of optim_config: learning_rate, warmup_steps, schedule ('constant'|'cosine'), b1, b2,
   eps, weight_decay, grad_clip (0 disables clipping).
+
+  total_steps and warmup_steps count training steps. An optimizer that updates only on every
+  `update_every`-th training step, starting at training step `first_update`, reads the schedule
+  at the training step of each of its updates (every_nth_step); the defaults (1, 0) are the
+  plain schedule over its own update count.
   """
   parts = []
   if float(optim_config.get("grad_clip", 0.0)) > 0:
     parts.append(optax.clip_by_global_norm(float(optim_config.grad_clip)))
   parts.append(optax.adamw(
-      learning_rate_schedule(optim_config, total_steps=total_steps),
+      every_nth_step(learning_rate_schedule(optim_config, total_steps=total_steps),
+                     every=update_every, first=first_update),
       b1=float(optim_config.get("b1", 0.9)), b2=float(optim_config.get("b2", 0.999)),
       eps=float(optim_config.get("eps", 1e-8)),
       weight_decay=float(optim_config.get("weight_decay", 0.0))))

@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mmd_jax.parallel import sharding as sharding_lib
 
 
 @flax.struct.dataclass
@@ -56,13 +55,6 @@ def abstract_state(model, tx, *, data_shape, num_classes, text_shape=None):
       jax.random.PRNGKey(0))
 
 
-def state_shardings(abstract_boxed, *, mesh, rules, mesh_config=None):
-  """NamedShardings of the state: logical rules (+ config.mesh overrides, regex fallback for
-  unannotated leaves, divisibility fallback); see mmd_jax.parallel.sharding."""
-  return sharding_lib.tree_shardings(abstract_boxed, mesh=mesh, model_rules=rules,
-                                     mesh_config=mesh_config)
-
-
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
@@ -78,7 +70,3 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, *, rn
                                                  text_shape)),
                  out_shardings=shardings, compiler_options=FAST_COMPILE)
   return init(rng)
-
-
-def unboxed(abstract_boxed):
-  return nn.unbox(abstract_boxed)

@@ -8,10 +8,13 @@ jax.experimental.topologies.get_topology_desc describes the slice, the step is l
 ShapeDtypeStructs with the run's shardings (nothing is allocated), and XLA's TPU compiler reports
 per-device memory (compiled.memory_analysis()) and cost (compiled.cost_analysis()).
 
-The step is the one the run would jit: the teacher's step (training.steps) for a teacher config,
-or the distillation step of config.distill.variant (distill.steps) with the frozen teacher (and,
-parameter-space, the preconditioner) as sharded arguments. Multislice configs
-(config.mesh.dcn_* > 1) compile for num_slices copies of the topology.
+The programs are the run's own (mmd_jax/runs: run.programs()), the ones the loop executes: the
+teacher's step for a teacher config, or the distillation step(s) of config.distill.variant with
+the frozen teacher (and, parameter-space, the preconditioner) as sharded arguments; a
+host-dispatched 'alternate' schedule has one program per phase, each compiled and reported, and
+the row's peak is the larger. Each program's hash (runs.common.program_hash of its StableHLO) is
+reported; the loop logs the same hashes. Multislice configs (config.mesh.dcn_* > 1) compile for
+num_slices copies of the topology.
 
 Reported: per-device argument / output / temporary bytes, peak = argument + output - aliased
 (donated) + temporary, the chip's HBM and whether the peak fits with 10% headroom, FLOPs per step
@@ -32,13 +35,10 @@ import re
 import time
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from mmd_jax.parallel import layout
+from mmd_jax import config_lib, runs
 from mmd_jax.parallel import mesh as mesh_lib
 from mmd_jax.parallel.mesh import MeshError
+from mmd_jax.runs import common as runs_common
 
 # Per chip: HBM (GiB) and peak dense bf16 FLOP/s (public Cloud TPU figures).
 HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
@@ -85,123 +85,39 @@ def topology_devices(topology: str, *, num_slices: int = 1):
   return list(topo.devices)
 
 
-def shapes_from_config(config):
-  """(data_shape, num_classes, data_key): config.data.image_shape / num_classes when given
-  (pod configs: no data set needed to compile), else read from the prepared data set.
-  num_classes is the model's: 0 with model.class_conditional=False (as in the training loop)."""
-  data = config.data
-  if data.get("image_shape"):
-    shape, classes, key = tuple(int(s) for s in data.image_shape), int(
-        data.get("num_classes", 0)), "image"
-  else:
-    from mmd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-    info = pipeline.dataset_info(data)
-    key = "image" if info["image_shape"] is not None else "x"
-    shape, classes = tuple(info["data_shape"]), int(info["num_classes"])
-  if not config.model.get("class_conditional", True):
-    classes = 0
-  return shape, classes, key
-
-
 @dataclasses.dataclass
 class Program:
   name: str
-  jitted: Any
-  args: tuple
+  lowered: Any
   mesh: Any
   num_params: int
   batch_size: int
 
 
-def _abstract(tree, shardings):
-  return jax.tree_util.tree_map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-
-
-def _num_params(boxed_params) -> int:
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(nn.unbox(boxed_params))))
-
-
-def _batch_args(*, batch_size, data_shape, num_classes, data_key, mesh, config):
-  sh = mesh_lib.batch_sharding(mesh)
-  batch = {data_key: jax.ShapeDtypeStruct((batch_size,) + tuple(data_shape), jnp.float32,
-                                          sharding=sh)}
-  if num_classes > 0:
-    batch["label"] = jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sh)
-  text_shape = _text_shape(config)
-  if text_shape:
-    batch["text"] = jax.ShapeDtypeStruct((batch_size,) + text_shape, jnp.float32, sharding=sh)
-  return batch
-
-
-def _rng_arg(mesh):
-  key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
-  return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=mesh_lib.replicated(mesh))
-
-
-def build_program(config, devices) -> Program:
-  """The config's train step, jitted with its shardings, and abstract arguments for `devices`."""
-  from mmd_jax.diffusion.schedules import schedule_from_config  # pylint: disable=g-import-not-at-top
-  from mmd_jax.models import build as model_build  # pylint: disable=g-import-not-at-top
-  from mmd_jax.training import optim, steps  # pylint: disable=g-import-not-at-top
-  data_shape, num_classes, data_key = shapes_from_config(config)
-  model = model_build.build_model(config.model, data_shape=data_shape, num_classes=num_classes)
-  text_shape = _text_shape(config)
-  schedule = schedule_from_config(config.diffusion.schedule)
+def build_run(config, devices, *, kind: str | None = None):
+  """The config's run on a mesh of `devices` (shapes from config.data.image_shape when given, so
+  no data set is needed). kind: 'teacher' or 'student'; default runs.kind_of(config) (config.mode
+  train / distill, else a student when the config has a distill section)."""
   mesh = mesh_lib.make_mesh(config.mesh, devices)
+  config_lib.validate(config)
+  run = runs.build(config, kind=kind or runs.kind_of(config), mesh=mesh, need_data=False)
   processes = len({getattr(d, "process_index", 0) for d in devices})
-  distill = config.get("distill")
-  batch_size = int(distill.batch_size if distill is not None else config.training.batch_size)
-  mesh_lib.check_batch_divisible(batch_size=batch_size, mesh=mesh, num_processes=processes,
-                                 what="distill.batch_size" if distill is not None
-                                 else "training.batch_size")
-  batch = _batch_args(batch_size=batch_size, data_shape=data_shape, num_classes=num_classes,
-                      data_key=data_key, mesh=mesh, config=config)
-  rng = _rng_arg(mesh)
-
-  if distill is None:
-    tx = optim.make_optimizer(config.optim, total_steps=int(config.training.num_steps))
-    abstract, sh = layout.teacher_layout(
-        model=model, tx=tx, data_shape=data_shape, num_classes=num_classes, mesh=mesh,
-        model_config=config.model, mesh_config=config.mesh, text_shape=text_shape)
-    step_fn = steps.make_teacher_step(
-        model=model, tx=tx, schedule=schedule, prediction=config.model.prediction,
-        loss_weighting=config.diffusion.loss_weighting,
-        sigmoid_bias=float(config.diffusion.sigmoid_bias), num_classes=num_classes,
-        cond_drop_prob=float(config.diffusion.cond_drop_prob),
-        ema_decay=float(config.optim.ema_decay), data_key=data_key,
-        use_text=text_shape is not None)
-    jitted = layout.jit_teacher_step(step_fn, state_shardings=sh, mesh=mesh)
-    state = _abstract(layout.unboxed(abstract), sh)
-    return Program("teacher", jitted, (state, batch, rng), mesh, _num_params(abstract.params),
-                   batch_size)
-
-  # As distill.loop.distill_and_evaluate builds and jits its step.
-  from mmd_jax.distill import steps as distill_steps  # pylint: disable=g-import-not-at-top
-  student_tx, aux_tx = distill_steps.make_optimizers(distill)
-  denoise = distill_steps.make_x_predictor(model, config.model.prediction)
-  step_fn = distill_steps.make_distill_step(
-      config=distill, denoise=denoise, schedule=schedule, student_tx=student_tx, aux_tx=aux_tx,
-      data_key=data_key, null_label=num_classes if num_classes > 0 else None,
-      use_text=text_shape is not None)
-  lay = layout.distill_layout(distill_config=distill, model=model, student_tx=student_tx,
-                              aux_tx=aux_tx, data_shape=data_shape, num_classes=num_classes,
-                              mesh=mesh, model_config=config.model, mesh_config=config.mesh,
-                              text_shape=text_shape)
-  with_precond = distill.variant == "parameter_space" and distill.preconditioner != "identity"
-  jitted = layout.jit_distill_step(step_fn, layout=lay, mesh=mesh, with_precond=with_precond)
-  state = _abstract(layout.unboxed(lay.abstract_state), lay.state)
-  teacher = _abstract(layout.unboxed(lay.abstract_teacher), lay.teacher)
-  args = (state, teacher, batch, rng) + ((teacher,) if with_precond else ())
-  return Program(f"distill/{distill.variant}", jitted, args, mesh,
-                 _num_params(lay.abstract_teacher), batch_size)
+  mesh_lib.check_batch_divisible(batch_size=run.batch_size, mesh=mesh, num_processes=processes,
+                                 what=run.batch_key)
+  return run
 
 
-def _text_shape(config):
-  """(model.text_len, model.text_dim) of a text-conditioned model, else None."""
-  from mmd_jax.diffusion import conditioning  # pylint: disable=g-import-not-at-top
-  return conditioning.model_text_shape(config.model)
+def lower_programs(config, devices, *, kind: str | None = None) -> list[Program]:
+  """Every step program the loop would run for `config` (one, or one per phase of a
+  host-dispatched schedule), lowered on sharded abstract arguments: nothing is allocated."""
+  run = build_run(config, devices, kind=kind)
+  args = run.abstract_args()
+  out = []
+  with run.mesh:
+    for program in run.programs():
+      out.append(Program(program.name, program.lower(*args), run.mesh,
+                         run.num_params(), run.batch_size))
+  return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,18 +125,14 @@ def _text_shape(config):
 # ----------------------------------------------------------------------------------------------
 
 def compile_program(program: Program) -> tuple[Any, dict]:
-  """(compiled, timings): wall and CPU seconds (all threads of this process) of lowering and of
-  XLA's compile. CPU seconds are the honest cost on a shared machine, where wall time includes
-  the time the process waited for a core."""
+  """(compiled, timings): wall and CPU seconds (all threads of this process) of XLA's compile.
+  CPU seconds are the honest cost on a shared machine, where wall time includes the time the
+  process waited for a core."""
   w0, c0 = time.time(), time.process_time()
   with program.mesh:
-    lowered = program.jitted.lower(*program.args)
-    w1, c1 = time.time(), time.process_time()
-    compiled = lowered.compile()
-  w2, c2 = time.time(), time.process_time()
-  return compiled, dict(lower_seconds=round(w1 - w0, 1), lower_cpu_seconds=round(c1 - c0, 1),
-                        compile_seconds=round(w2 - w1, 1),
-                        compile_cpu_seconds=round(c2 - c1, 1))
+    compiled = program.lowered.compile()
+  w1, c1 = time.time(), time.process_time()
+  return compiled, dict(compile_seconds=round(w1 - w0, 1), compile_cpu_seconds=round(c1 - c0, 1))
 
 
 def analyse(compiled, *, topology: str, devices, num_params: int, batch_size: int,
@@ -255,19 +167,31 @@ def analyse(compiled, *, topology: str, devices, num_params: int, batch_size: in
 
 
 def run_aot(config, *, topology: str) -> dict:
-  """Compiles the config's step for `topology`; returns the analysis row."""
+  """Compiles every step program of the config's run for `topology`; returns the analysis row of
+  the program with the largest peak memory, with one sub-row per program under 'programs'."""
   num_slices = math.prod(mesh_lib.dcn_shape(config.mesh))
   devices = topology_devices(topology, num_slices=num_slices)
-  program = build_program(config, devices)
-  compiled, timings = compile_program(program)
-  row = analyse(compiled, topology=topology, devices=devices, num_params=program.num_params,
-                batch_size=program.batch_size, compile_seconds=timings["compile_seconds"])
-  row.update(timings)
-  row["program"] = program.name
-  row["mesh"] = dict(program.mesh.shape)
-  row["remat"] = bool(config.model.get("remat", False))
-  row["dtype"] = str(config.model.get("dtype", "float32"))
-  return row
+  w0, c0 = time.time(), time.process_time()
+  programs = lower_programs(config, devices)
+  lower = dict(lower_seconds=round(time.time() - w0, 1),
+               lower_cpu_seconds=round(time.process_time() - c0, 1))
+  rows = []
+  for program in programs:
+    compiled, timings = compile_program(program)
+    row = analyse(compiled, topology=topology, devices=devices, num_params=program.num_params,
+                  batch_size=program.batch_size, compile_seconds=timings["compile_seconds"])
+    row.update(**timings, **lower, program=program.name, mesh=dict(program.mesh.shape),
+               program_hash=runs_common.program_hash(program.lowered),
+               remat=bool(config.model.get("remat", False)),
+               dtype=str(config.model.get("dtype", "float32")))
+    rows.append(row)
+  worst = dict(max(rows, key=lambda r: r["peak_bytes"]))
+  if len(rows) > 1:
+    worst["programs"] = rows
+    worst["program"] = " + ".join(r["program"] for r in rows) + f" (peak: {worst['program']})"
+    worst["compile_seconds"] = round(sum(r["compile_seconds"] for r in rows), 1)
+    worst["compile_cpu_seconds"] = round(sum(r["compile_cpu_seconds"] for r in rows), 1)
+  return worst
 
 
 def format_row(row: dict) -> str:
