@@ -33,12 +33,14 @@ from absl import app, flags
 
 from mmd_jax import config_lib, io_utils
 
-flags.DEFINE_string("config", None, "Config file with a sweep() function, optionally :ARG.")
-flags.DEFINE_string("workdir", None, "Parent work directory; one subdirectory per run.")
-flags.DEFINE_bool("dry_run", False, "Print the commands instead of running them.")
-flags.DEFINE_bool("summarize", False, "Only print (and rewrite) the summary of --workdir.")
-flags.DEFINE_string("metric", "fd_pixels", "The metric of the summary's plot, e.g. class_acc, fid.")
-flags.mark_flags_as_required(["workdir"])
+# The tests load this file more than once into one process; absl flags are defined once.
+if "summarize" not in flags.FLAGS:
+  flags.DEFINE_string("config", None, "Config file with a sweep() function, optionally :ARG.")
+  flags.DEFINE_string("workdir", None, "Parent work directory; one subdirectory per run.")
+  flags.DEFINE_bool("dry_run", False, "Print the commands instead of running them.")
+  flags.DEFINE_bool("summarize", False, "Only print (and rewrite) the summary of --workdir.")
+  flags.DEFINE_string("metric", "fd_pixels", "The metric of the summary's plot, e.g. class_acc, fid.")
+  flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
 MANIFEST = "sweep.json"

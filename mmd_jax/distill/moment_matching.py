@@ -174,7 +174,8 @@ def validate_config(config) -> None:
   choice("weighting", WEIGHTINGS)
   choice("spacing", SPACINGS)
   choice("preconditioner", PRECONDITIONERS)
-  choice("dropout", DROPOUTS)
+  if config.get("dropout", "independent") not in DROPOUTS:  # absent in configs saved before it
+    raise ValueError(f"distill.dropout={config.dropout!r} is not one of {DROPOUTS}.")
   if not isinstance(config.get("clip_train_draws", False), bool):
     raise ValueError(f"distill.clip_train_draws must be True or False, got "
                      f"{config.clip_train_draws!r}.")
