@@ -151,8 +151,16 @@ def run_loop(run: runs.Run, workdir: str) -> dict:
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   periodic_specs, final_specs = run.periodic_specs(), run.final_specs()
 
-  # ----- checkpoints: refuse an incompatible or unreadable one before compiling -----
   ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=int(config.training.max_to_keep))
+  try:  # closed on every way out: Orbax's threads never outlive the run (or block the exit)
+    return _run(run, workdir, ckpt, periodic_specs=periodic_specs, final_specs=final_specs)
+  finally:
+    ckpt.close()
+
+
+def _run(run, workdir, ckpt, *, periodic_specs, final_specs) -> dict:
+  config = run.config
+  # ----- checkpoints: refuse an incompatible or unreadable one before compiling -----
   # Chosen once, by process 0: every process restores the same step (a collective).
   latest = ckpt.latest_step()
   latest = distributed.agree(-1 if latest is None else latest)
@@ -269,7 +277,6 @@ def run_loop(run: runs.Run, workdir: str) -> dict:
   out = {"state": state, "final_eval": [], "preempted": preempted,
          "program_hashes": program_hashes}
   if preempted:
-    ckpt.close()
     return out
 
   # ----- final evaluation, labelled with the step actually evaluated -----
@@ -294,6 +301,5 @@ def run_loop(run: runs.Run, workdir: str) -> dict:
   if rows:
     print(f"\nFinal evaluation of the {run.kind} ({pixel_metrics.STAND_IN_LABEL}), step "
           f"{step_now}:\n{periodic.markdown_table(rows)}\n", flush=True)
-  ckpt.close()
   out["final_eval"] = rows
   return out

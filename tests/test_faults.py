@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import socket
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -244,7 +245,12 @@ def test_bad_sampler_specs_are_config_errors(text, match):
 
 
 def _run(proc, timeout=300):
-  out, _ = proc.communicate(timeout=timeout)
+  try:
+    out, _ = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    out, _ = proc.communicate()
+    raise AssertionError(f"no exit within {timeout} s:\n{out[-3000:]}") from None
   return proc.returncode, out
 
 

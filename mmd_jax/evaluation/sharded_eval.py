@@ -63,6 +63,9 @@ from mmd_jax.parallel import mesh as mesh_lib
 # 2: one merged state of all processes, written by process 0; keys independent of the process
 # count (1: one state per process, keys per process).
 STATE_VERSION = 2
+# What process 0 found in spec.json (agreed by every process): none or damaged, the same spec,
+# another spec.
+_SPEC_NEW, _SPEC_SAME, _SPEC_OTHER = 0, 1, 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -505,9 +508,6 @@ def evaluate_samples(*, spec: dict, sampler, params, mesh, extractor: fid.Featur
       class_acc=(merged.class_correct / merged.class_count) if merged.class_count else None,
       features=features, logits=logits_all, batches_done=done, num_batches=num_batches,
       resumed_from=start, eval_dir=eval_dir)
-
-
-_SPEC_NEW, _SPEC_SAME, _SPEC_OTHER = 0, 1, 2
 
 
 def _concat_rows(parts, *, dim: int = 0) -> np.ndarray:
