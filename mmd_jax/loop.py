@@ -31,7 +31,7 @@ from mmd_jax.parallel import mesh as mesh_lib
 from mmd_jax import runs
 from mmd_jax.runs import common
 from mmd_jax.training import checkpoint as ckpt_lib
-from mmd_jax.training import logging_lib
+from mmd_jax.training import logging_lib, throughput
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -240,13 +240,17 @@ def _run(run, workdir, ckpt, *, periodic_specs, final_specs) -> dict:
       if start_step < num_steps:
         pending = next(iterator)
         args = (state, frozen, run.global_batch(pending), run.base_rng)
-        t0 = time.time()
+        t0, flops = time.time(), []
         for program in run.programs():
           lowered = program.lower(*args)
           program_hashes.append(common.program_hash(lowered))
+          flops.append(throughput.flops_of(lowered) / run.mesh.size)
           compiled.append(lowered.compile())
         logging.info("%s step compiled in %.1f s (%d program(s), hashes %s)", run.kind,
                      time.time() - t0, len(compiled), program_hashes)
+        meter = throughput.Meter(batch_size=run.batch_size, flops_per_step=float(np.mean(flops)))
+        logging.info("%.3g FLOPs per step per device (lowered cost analysis); MFU against %.3g "
+                     "FLOP/s per device: %s", meter.flops_per_step, meter.peak, meter.peak_source)
 
       # ----- loop (in-flight checkpoint writes always finish, even on an error) -----
       progress = logging_lib.Progress(start_step=start_step, total_steps=num_steps)
@@ -259,7 +263,10 @@ def _run(run, workdir, ckpt, *, periodic_specs, final_specs) -> dict:
         if done % config.training.log_every == 0 or done == num_steps:
           scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
           stop_if_nonfinite(state, scalars, done)
-          scalars.update(progress.report(done, run.progress_text(scalars)))
+          rate = progress.rate(done)
+          scalars.update(steps_per_sec=rate, **meter.scalars(steps_per_sec=rate))
+          progress.log(done, rate, f"{run.progress_text(scalars)}  "
+                       f"{throughput.summary(scalars)}")
           writer.write(done, scalars)
         if preemption.stop_at(done):
           save(done)

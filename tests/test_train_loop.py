@@ -25,6 +25,9 @@ def test_run_writes_checkpoints_logs_samples_and_evaluation(trained):
   lines = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
   assert [l["step"] for l in lines] == [2, 4, 6]
   assert all(np.isfinite(l["loss"]) and l["steps_per_sec"] > 0 for l in lines)
+  # throughput as pod users read it: examples/s = batch x steps/s, FLOP/s per device, MFU
+  assert all(l["examples_per_sec"] == pytest.approx(16 * l["steps_per_sec"]) for l in lines)
+  assert all(l["flops_per_sec_per_device"] > 0 and l["mfu"] > 0 for l in lines)
   assert os.listdir(workdir / "tensorboard")
   evals = [json.loads(l) for l in open(workdir / "eval_results.jsonl")]
   final = [e for e in evals if e["tag"] == "final"]

@@ -39,10 +39,11 @@ from mmd_jax import config_lib, runs
 from mmd_jax.parallel import mesh as mesh_lib
 from mmd_jax.parallel.mesh import MeshError
 from mmd_jax.runs import common as runs_common
+from mmd_jax.training import throughput
 
 # Per chip: HBM (GiB) and peak dense bf16 FLOP/s (public Cloud TPU figures).
 HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
-PEAK_BF16 = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12}
+PEAK_BF16 = throughput.TPU_PEAK_BF16
 HBM_BYTES_PER_S = {"v4": 1228e9, "v5e": 819e9, "v5p": 2765e9, "v6e": 1640e9}
 HEADROOM = 0.9
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e", "v5": "v5p"}

@@ -44,17 +44,20 @@ class MetricWriter:
 
 
 class Progress:
-  """steps/s and ETA between calls."""
+  """steps/s and ETA between calls: rate(step) measures, log(step, rate, text) prints."""
 
   def __init__(self, *, start_step: int, total_steps: int):
     self.total = total_steps
     self.last_step, self.last_time = start_step, time.time()
 
-  def report(self, step: int, extra: str = "") -> dict:
+  def rate(self, step: int) -> float:
+    """steps/s since the previous call (or the start)."""
     now = time.time()
     rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
-    eta = (self.total - step) / max(rate, 1e-9)
     self.last_step, self.last_time = step, now
+    return rate
+
+  def log(self, step: int, rate: float, extra: str = "") -> None:
+    eta = (self.total - step) / max(rate, 1e-9)
     logging.info("step %d/%d  %.2f steps/s  ETA %s  %s", step, self.total, rate,
                  time.strftime("%H:%M:%S", time.gmtime(eta)), extra)
-    return {"steps_per_sec": rate}
