@@ -29,7 +29,7 @@ if __name__ == "__main__":
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mmd_jax import errors, loop  # noqa: E402
+from mmd_jax import compilation_cache, errors, loop  # noqa: E402
 from mmd_jax.parallel import distributed  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -60,6 +60,10 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_quiet_libraries)
+  cache = compilation_cache.enable()
+  if cache:
+    logging.info("JAX compilation cache: %s (reruns load compiled programs; set "
+                 "JAX_COMPILATION_CACHE_DIR to choose another folder, or to '' for none)", cache)
   try:
     mode = FLAGS.mode or FLAGS.config.get("mode", "train")
     if mode in ("aot", "print_sharding"):
