@@ -5,7 +5,16 @@ Command (from the repository root, system python with JAX):
     python experiments/bench_train_step.py --out=/tmp/bench.json \
         --torch_python=/opt/venv-bench/bin/python        # full run
     python experiments/bench_train_step.py --quick       # fewer timed steps
+    python experiments/bench_train_step.py --raw_env     # without the CPU defaults
     python experiments/bench_train_step.py --env_sweep   # + XLA/glibc variants of the 32x32 step
+
+Settings: like `python -m mmd_jax.main`, it applies mmd_jax/cpu_defaults.py when the backend is
+the CPU (XLA's own convolution kernels in XLA_FLAGS, GLIBC_TUNABLES=glibc.malloc.hugetlb=1 by
+starting the script again; your own settings of either win, MMD_JAX_CPU_DEFAULTS=0 or --raw_env
+turn both off), so that with no environment set it measures what the command line runs. The
+report's first lines say which settings are in effect. The peer inherits this process's
+environment, so it runs under the same GLIBC_TUNABLES (malloc is the same glibc's in both
+processes; giving the setting to one side only would compare allocators, not the steps).
 
 What it measures, for (a) configs/digits.py (its model and batch) and (b) a 32x32x3 UNet
 (channels 64,128, two residual blocks per level, attention at 16x16 + the middle block, 10
@@ -16,9 +25,11 @@ classes, batch 32, eps-prediction with eps-MSE, about 4.1M parameters):
   warm-up), CPU-seconds per step (time.process_time over each step: all threads of the
   process), FLOPs from compiled.cost_analysis(), GFLOP/s, and the same for a jitted float32
   2048x2048 matmul (2 n^3 flops) as the machine's practical peak in the same run;
-- peer: diffusers' UNet2DModel of the same shape trained the same way (bench_peer_torch.py, in
-  the interpreter of --torch_python, e.g. a venv with the `bench` extra); skipped with a printed
-  reason when torch/diffusers are not importable;
+- peer: diffusers' UNet2DModel of the nearest configuration at each shape, trained the same way
+  (bench_peer_torch.py, its docstring lists the differences; in the interpreter of
+  --torch_python, e.g. a venv with the `bench` extra), with one `ours/peer (SHAPE, batch N)` line
+  per shape (wall, best-step wall, CPU, FLOP and parameter ratios); skipped with a printed reason
+  when torch/diffusers are not importable;
 - distill: each moment-matching step (alternating with update_schedule both / alternate,
   parameter-space) next to the teacher step: time, CPU, FLOPs, and time ratio vs FLOP ratio;
 - sampling (digits): images/s of the k=8 student sampler vs the teacher's 256-step ancestral
@@ -29,7 +40,7 @@ classes, batch 32, eps-prediction with eps-MSE, about 4.1M parameters):
 The machine is shared (2 cores, load averages of 4-8 are common), so wall times are inflated
 by other processes; the CPU-seconds and the load average are printed next to every wall time.
 XLA_FLAGS and GLIBC_TUNABLES must be set before JAX starts, hence the late `import jax` and the
-re-exec for --hugetlb.
+re-exec for the CPU defaults and --hugetlb.
 """
 from __future__ import annotations
 
@@ -48,17 +59,23 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from mmd_jax import cpu_defaults  # noqa: E402  (imports no JAX)
+
 PEER_SCRIPT = os.path.join(REPO, "experiments", "bench_peer_torch.py")
-HUGETLB = "glibc.malloc.hugetlb=1"
+HUGETLB = cpu_defaults.GLIBC_SETTING
 # XLA:CPU sends convolutions to YNNPACK by default; its weight-gradient convolution (a
 # convolution whose window is the whole image) is ~3x slower than XLA's own (Eigen) kernel.
-NO_YNN_CONV = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+NO_YNN_CONV = cpu_defaults.XLA_SETTING
+# Names the settings the CPU defaults added, for the restarted interpreter (which pops it).
+_ADDED = "MMD_JAX_BENCH_CPU_DEFAULTS_ADDED"
 # XLA:CPU leaves convolutions inside lax.cond branches in their raw layout (e.g. a weight
 # gradient as dim_labels=f01b_i01o->01bf) and runs them with its naive loop emitter, 15-35x slower
 # than the same convolution outside a conditional.
 COND_NOTE = ("its convolutions run inside a lax.cond, which XLA:CPU executes with a naive "
              "kernel (~15x slower, several minutes per 32x32 step); --time_cond_32 times it")
 CONFIG_NAMES = ("digits", "cifar32")
+SHAPE_LABELS = {"digits": "digits 8x8x1", "cifar32": "32x32"}
 PARTS = ("teacher", "peer", "distill", "sampling", "profile")
 
 
@@ -71,11 +88,17 @@ def parse_args(argv):
                       "can import both, else the peer is skipped")
   p.add_argument("--configs", default=",".join(CONFIG_NAMES))
   p.add_argument("--parts", default=",".join(PARTS))
-  p.add_argument("--steps", type=int, default=0, help="timed teacher steps (0: 8, quick 3)")
+  p.add_argument("--steps", type=int, default=0,
+                 help="timed teacher (and peer) steps per shape (0: digits 20, 32x32 6; --quick: "
+                      "5 and 3)")
+  p.add_argument("--raw_env", action="store_true",
+                 help="do not apply mmd_jax.cpu_defaults (measure the environment as it is)")
   p.add_argument("--hugetlb", action="store_true",
-                 help=f"re-exec with GLIBC_TUNABLES={HUGETLB} (transparent huge pages for malloc)")
+                 help=f"re-exec with GLIBC_TUNABLES={HUGETLB} (transparent huge pages for malloc; "
+                      "one of the CPU defaults, so only needed with --raw_env)")
   p.add_argument("--no_ynn_conv", action="store_true",
-                 help=f"add {NO_YNN_CONV} to XLA_FLAGS (XLA's own conv kernels)")
+                 help=f"add {NO_YNN_CONV} to XLA_FLAGS (XLA's own conv kernels; one of the CPU "
+                      "defaults, so only needed with --raw_env)")
   p.add_argument("--threefry_unpartitionable", action="store_true",
                  help="JAX_THREEFRY_PARTITIONABLE=0: the cheaper single-device threefry for "
                       "dropout masks and noise (changes the random streams)")
@@ -103,6 +126,47 @@ def parse_args(argv):
   return args
 
 
+def apply_cpu_defaults(args, *, command_line: bool) -> list[str]:
+  """Applies mmd_jax.cpu_defaults as the command line does, unless --raw_env: for a command line
+  both settings (which may start this script again), else the XLA flag only (apply_in_process).
+  Returns the names of the variables it added to."""
+  if not args.raw_env:
+    if _ADDED not in os.environ:  # not yet restarted
+      os.environ[_ADDED] = ",".join(cpu_defaults.changes(os.environ, glibc=command_line))
+    if command_line:
+      cpu_defaults.apply_for_command_line(sys.argv, module=None)
+    else:
+      cpu_defaults.apply_in_process()
+  return [k for k in os.environ.pop(_ADDED, "").split(",") if k]
+
+
+def settings_in_effect(args, added) -> dict:
+  """Which of the CPU defaults' two settings are in effect, and who set them."""
+  state = {"raw_env": bool(args.raw_env), "opted_out": cpu_defaults.opted_out(),
+           "backend_is_cpu": cpu_defaults.backend_is_cpu()}
+  for key, name in (("XLA_FLAGS", cpu_defaults.YNN_FLAG),
+                    ("GLIBC_TUNABLES", cpu_defaults.HUGETLB_TUNABLE)):
+    if name not in os.environ.get(key, ""):
+      state[key] = "not set"
+    else:
+      state[key] = "added by the CPU defaults" if key in added else "set by you or an option"
+  return state
+
+
+def describe_settings(state) -> str:
+  if state["raw_env"]:
+    why = "off (--raw_env)"
+  elif state["opted_out"]:
+    why = f"off ({cpu_defaults.OPT_OUT}=0)"
+  elif not state["backend_is_cpu"]:
+    why = "off (the backend is not the CPU)"
+  else:
+    why = "on (--raw_env turns them off)"
+  return (f"CPU defaults (mmd_jax/cpu_defaults.py): {why}; in effect: "
+          f"{NO_YNN_CONV}: {state['XLA_FLAGS']}, GLIBC_TUNABLES {HUGETLB}: "
+          f"{state['GLIBC_TUNABLES']}")
+
+
 def setup_env(args):
   """Sets GLIBC_TUNABLES (by re-exec: glibc reads it at start-up) and XLA_FLAGS (before JAX)."""
   tunables = os.environ.get("GLIBC_TUNABLES", "")
@@ -112,7 +176,7 @@ def setup_env(args):
   if args.threefry_unpartitionable:
     os.environ["JAX_THREEFRY_PARTITIONABLE"] = "0"
   flags = os.environ.get("XLA_FLAGS", "").split()
-  if args.no_ynn_conv:
+  if args.no_ynn_conv and cpu_defaults.YNN_FLAG not in " ".join(flags):
     flags.append(NO_YNN_CONV)
   flags += args.xla_flags.split()
   if flags:
@@ -614,8 +678,9 @@ def profile_bench(ctx, *, steps: int = 2):
           "top_ops": [{"op": k, "category": cats.get(k, "other"), "s": v} for k, v in top]}
 
 
-def peer_bench(args, *, steps: int):
-  """Runs bench_peer_torch.py in --torch_python (or this interpreter); never raises."""
+def peer_bench(args, *, shape: str, steps: int):
+  """Runs bench_peer_torch.py at `shape` in --torch_python (or this interpreter); never raises.
+  Its environment is ours (GLIBC_TUNABLES included: see the module docstring)."""
   py = args.torch_python
   if not py:
     missing = [m for m in ("torch", "diffusers") if importlib.util.find_spec(m) is None]
@@ -627,7 +692,7 @@ def peer_bench(args, *, steps: int):
     py = sys.executable
   if not os.path.exists(py):
     return {"skipped": True, "reason": f"--torch_python={py} does not exist"}
-  cmd = [py, PEER_SCRIPT, f"--steps={steps}", "--warmup=2"]
+  cmd = [py, PEER_SCRIPT, f"--shape={shape}", f"--steps={steps}", "--warmup=2"]
   env = dict(os.environ)
   if args.peer_omp_wait == "passive":
     env["OMP_WAIT_POLICY"] = "PASSIVE"
@@ -637,7 +702,8 @@ def peer_bench(args, *, steps: int):
     return {"skipped": True, "reason": f"{' '.join(cmd)} failed (exit {proc.returncode}): "
             + " | ".join(tail)}
   result = json.loads(proc.stdout.strip().splitlines()[-1])
-  result.update(skipped=False, python=py, omp_wait_policy=env.get("OMP_WAIT_POLICY", ""))
+  result.update(skipped=False, python=py, omp_wait_policy=env.get("OMP_WAIT_POLICY", ""),
+                glibc_tunables=result.get("glibc_tunables", env.get("GLIBC_TUNABLES", "")))
   return result
 
 
@@ -645,8 +711,8 @@ def env_sweep(args, *, steps: int):
   """The 32x32 teacher step in fresh processes under XLA-flag / glibc variants."""
   variants = [("baseline", []), ("hugetlb", ["--hugetlb"]), ("no_ynn_conv", ["--no_ynn_conv"]),
               ("threefry_unpartitionable", ["--threefry_unpartitionable"]),
-              ("hugetlb+no_ynn_conv", ["--hugetlb", "--no_ynn_conv"]), ("tuned (all three)",
-                                                                        ["--tuned"])]
+              ("hugetlb+no_ynn_conv (= CPU defaults)", ["--hugetlb", "--no_ynn_conv"]),
+              ("tuned (all three)", ["--tuned"])]
   env = {k: v for k, v in os.environ.items()
          if k not in ("XLA_FLAGS", "GLIBC_TUNABLES", "JAX_THREEFRY_PARTITIONABLE")}
   rows = []
@@ -654,7 +720,7 @@ def env_sweep(args, *, steps: int):
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
       out = f.name
     cmd = [sys.executable, os.path.abspath(__file__), "--configs=cifar32", "--parts=teacher",
-           f"--steps={steps}", f"--out={out}"] + extra
+           f"--steps={steps}", f"--out={out}", "--raw_env"] + extra
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if proc.returncode != 0:
       rows.append({"variant": name, "error": proc.stderr.strip().splitlines()[-1:]})
@@ -686,9 +752,42 @@ def g(x, d=2):
   return "-" if x is None or x != x else f"{x:.{d}f}"
 
 
+def ours_over_peer(res) -> dict:
+  """Per shape where both were measured: our teacher step over the peer's step."""
+  out = {}
+  for name, peer in (res.get("peer") or {}).items():
+    t = (res.get("teacher") or {}).get(name)
+    if not t or peer.get("skipped"):
+      continue
+    out[name] = {
+        "shape": SHAPE_LABELS.get(name, name), "batch": t["batch"], "peer_batch": peer["batch"],
+        "wall": t["wall_s"] / peer["step_wall_s"],
+        "best_wall": t["wall_min_s"] / min(peer["step_walls"]),
+        "cpu": t["cpu_s"] / peer["step_cpu_s"], "flops": t["flops"] / peer["flops_per_step"],
+        "params": t["params"] / peer["params"], "ours_wall_s": t["wall_s"],
+        "peer_wall_s": peer["step_wall_s"], "ours_params": t["params"],
+        "peer_params": peer["params"], "ours_flops": t["flops"],
+        "peer_flops": peer["flops_per_step"]}
+  return out
+
+
+def ratio_line(r, peer) -> str:
+  return (f"ours/peer ({r['shape']}, batch {r['batch']}): wall {r['wall']:.2f} "
+          f"({r['ours_wall_s']:.3f} s / {r['peer_wall_s']:.3f} s), best-step wall "
+          f"{r['best_wall']:.2f}, cpu {r['cpu']:.2f}; FLOPs {r['flops']:.2f} "
+          f"({r['ours_flops'] / 1e9:.1f} / {r['peer_flops'] / 1e9:.1f} GFLOP), params "
+          f"{r['params']:.2f} ({r['ours_params'] / 1e6:.2f}M / {r['peer_params'] / 1e6:.2f}M)"
+          + (f" [peer batch {r['peer_batch']}!]" if r["peer_batch"] != r["batch"] else "")
+          + f" (peer: torch {peer['torch']}, diffusers {peer['diffusers']}, {peer['threads']} "
+          f"threads, GLIBC_TUNABLES={peer.get('glibc_tunables', '')!r}, OMP_WAIT_POLICY="
+          f"{peer.get('omp_wait_policy', '')!r}; FLOPs by torch's flop counter)")
+
+
 def report(res):
   lines = []
   env = res["env"]
+  if "cpu_defaults" in env:
+    lines.append(describe_settings(env["cpu_defaults"]))
   lines.append(f"XLA_FLAGS={env['XLA_FLAGS']!r} GLIBC_TUNABLES={env['GLIBC_TUNABLES']!r} "
                f"JAX_THREEFRY_PARTITIONABLE={env['JAX_THREEFRY_PARTITIONABLE']!r} "
                f"cores={env['cpu_count']} jax={env['jax']}")
@@ -698,18 +797,20 @@ def report(res):
                  f"-> {g(mm['gflops_wall'], 1)} GFLOP/s (best step {g(mm['gflops_wall_best'], 1)}),"
                  f" {g(mm['gflop_per_cpu_s'], 1)} GFLOP per CPU-s; load "
                  f"{mm['loadavg_after'][0]:.1f}")
-  if res.get("teacher"):
+  peers = res.get("peer") or {}
+  if res.get("teacher") or peers:
     rows = []
-    peer = res.get("peer") or {}
-    for name, t in res["teacher"].items():
+    for name, t in (res.get("teacher") or {}).items():
       rows.append([name, f"{t['params'] / 1e6:.2f}M", t["batch"], g(t["compile_s"], 1),
                    g(t["wall_s"], 3), g(t["wall_min_s"], 3), g(t["cpu_s"], 3),
                    g(t["flops"] / 1e9, 1), g(t["gflops_wall"], 1), g(t["gflop_per_cpu_s"], 1),
                    g(100 * t["gflop_per_cpu_s"] / mm["gflop_per_cpu_s"], 0) + "%" if mm else "-",
                    f"{t['minor_faults']:.0f}", f"{t['loadavg_after'][0]:.1f}"])
-    if peer and not peer.get("skipped"):
+    for name, peer in peers.items():
+      if peer.get("skipped"):
+        continue
       fl = peer["flops_per_step"]
-      rows.append(["peer torch", f"{peer['params'] / 1e6:.2f}M", peer["batch"], "-",
+      rows.append([f"peer torch ({name})", f"{peer['params'] / 1e6:.2f}M", peer["batch"], "-",
                    g(peer["step_wall_s"], 3), g(min(peer["step_walls"]), 3),
                    g(peer["step_cpu_s"], 3), g(fl / 1e9, 1), g(fl / peer["step_wall_s"] / 1e9, 1),
                    g(fl / peer["step_cpu_s"] / 1e9, 1),
@@ -720,16 +821,15 @@ def report(res):
     lines.append(table(["config", "params", "batch", "compile s", "step s", "best s", "cpu s",
                         "GFLOP", "GFLOP/s", "GFLOP/cpu-s", "of matmul/cpu-s", "faults",
                         "load"], rows))
-    if peer.get("skipped"):
-      lines.append(f"PEER SKIPPED: {peer['reason']}")
-    elif peer and "cifar32" in res["teacher"]:
-      t = res["teacher"]["cifar32"]
-      lines.append(
-          f"ours/peer (32x32, batch 32): wall {t['wall_s'] / peer['step_wall_s']:.2f}, best-step "
-          f"wall {t['wall_min_s'] / min(peer['step_walls']):.2f}, cpu "
-          f"{t['cpu_s'] / peer['step_cpu_s']:.2f}; FLOPs ours/peer "
-          f"{t['flops'] / peer['flops_per_step']:.2f} (peer: torch {peer['torch']}, diffusers "
-          f"{peer['diffusers']}, {peer['threads']} threads; FLOPs by torch's flop counter)")
+    ratios = ours_over_peer(res)
+    for name, peer in peers.items():
+      if peer.get("skipped"):
+        lines.append(f"PEER SKIPPED ({SHAPE_LABELS.get(name, name)}): {peer['reason']}")
+      elif name in ratios:
+        lines.append(ratio_line(ratios[name], peer))
+      else:
+        lines.append(f"ours/peer ({SHAPE_LABELS.get(name, name)}): our step was not measured "
+                     "(--parts without teacher)")
   if res.get("distill"):
     lines.append("\nDistillation step vs teacher step (same config and batch):")
     for name, rows_in in res["distill"].items():
@@ -805,7 +905,7 @@ def report(res):
                  f"{g(t['cpu_s'] - cb['all_cpu_s'], 2)} CPU-s; load {cb['loadavg'][0]:.1f}")
   sweep = res.get("env_sweep")
   if sweep:
-    peer = res.get("peer") or {}
+    peer = peers.get("cifar32") or {}
     peer_cpu = peer.get("step_cpu_s") if not peer.get("skipped", True) else None
     rows = [[r["variant"], g(r.get("compile_s"), 1), g(r.get("wall_s"), 3),
              g(r.get("wall_min_s"), 3), g(r.get("cpu_s"), 3),
@@ -813,8 +913,8 @@ def report(res):
              f"{r.get('minor_faults', float('nan')):.0f}",
              f"{r['loadavg_after'][0]:.1f}" if "loadavg_after" in r else "-"]
             for r in sweep]
-    lines.append("\n32x32 teacher step under environment variants (fresh process each; cpu/peer "
-                 "= its CPU-s over the peer's CPU-s above):")
+    lines.append("\n32x32 teacher step under environment variants (fresh process each, from "
+                 "--raw_env; cpu/peer = its CPU-s over the 32x32 peer's CPU-s above):")
     lines.append(table(["variant", "compile s", "step s", "best s", "cpu s", "cpu/peer",
                         "faults", "load"], rows))
   return "\n".join(lines)
@@ -822,40 +922,46 @@ def report(res):
 
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
+  # As a command line: may start this script again (GLIBC_TUNABLES), so before any real work.
+  added = apply_cpu_defaults(args, command_line=argv is None)
   setup_env(args)
-  sys.path.insert(0, REPO)
+  defaults = settings_in_effect(args, added)
   import jax
 
   configs = args.configs.split(",")
   parts = args.parts.split(",")
-  steps = args.steps or (3 if args.quick else 6)
+  steps = {"digits": args.steps or (5 if args.quick else 20),
+           "cifar32": args.steps or (3 if args.quick else 6)}
   dsteps = {"digits": 2 if args.quick else 4, "cifar32": 2}
   res = {"args": vars(args), "loadavg_start": load(),
-         "env": {"XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+         "env": {"cpu_defaults": defaults, "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
                  "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", ""),
                  "JAX_THREEFRY_PARTITIONABLE": os.environ.get("JAX_THREEFRY_PARTITIONABLE", ""),
                  "threefry_partitionable": bool(jax.config.jax_threefry_partitionable),
                  "cpu_count": os.cpu_count(), "jax": jax.__version__,
                  "device": str(jax.devices()[0])}}
   t_start, c_start = time.perf_counter(), time.process_time()
+  print(describe_settings(defaults), flush=True)
   print(f"load average at start: {res['loadavg_start']}", flush=True)
   res["matmul"] = matmul_peak(steps=3 if args.quick else 5)
   print(f"matmul: {res['matmul']['gflops_wall']:.1f} GFLOP/s", flush=True)
-  res["teacher"], res["distill"] = {}, {}
+  res["teacher"], res["distill"], res["peer"] = {}, {}, {}
   for name in configs:
-    if not ({"teacher", "distill", "sampling", "profile"} & set(parts)):
-      break
-    r, ctx = teacher_bench(name, steps=steps)
-    res["teacher"][name] = r
-    print(f"teacher {name}: compile {r['compile_s']:.1f} s, step {r['wall_s']:.3f} s, "
-          f"cpu {r['cpu_s']:.3f} s, {r['flops'] / 1e9:.1f} GFLOP", flush=True)
+    ctx = None
+    if {"teacher", "distill", "sampling", "profile"} & set(parts):
+      r, ctx = teacher_bench(name, steps=steps[name])
+      res["teacher"][name] = r
+      print(f"teacher {name}: compile {r['compile_s']:.1f} s, step {r['wall_s']:.3f} s, "
+            f"cpu {r['cpu_s']:.3f} s, {r['flops'] / 1e9:.1f} GFLOP", flush=True)
+    if "peer" in parts:  # right after our step, under about the same load
+      peer = res["peer"][name] = peer_bench(args, shape=name, steps=steps[name])
+      print(f"peer {name}: " + (f"SKIPPED ({peer['reason']})" if peer["skipped"] else
+                                f"{peer['step_wall_s']:.3f} s/step"), flush=True)
+    if ctx is None:
+      continue
     if name == "cifar32" and "profile" in parts:
       res["profile"] = profile_bench(ctx)
       res["conv_breakdown"] = conv_breakdown(ctx, reps=3 if args.quick else 5)
-    if name == "cifar32" and "peer" in parts:
-      res["peer"] = peer_bench(args, steps=steps)
-      print("peer: " + (f"SKIPPED ({res['peer']['reason']})" if res["peer"]["skipped"] else
-                        f"{res['peer']['step_wall_s']:.3f} s/step"), flush=True)
     if "distill" in parts:
       res["distill"][name] = []
       for variant, sched, host in (("alternating", "both", False),
@@ -876,8 +982,7 @@ def main(argv=None):
     if name == "digits" and "sampling" in parts:
       res["sampling"] = sampling_bench(ctx, batch=args.sample_batch, quick=args.quick)
     del ctx
-  if "peer" in parts and "cifar32" not in configs:
-    res["peer"] = {"skipped": True, "reason": "the peer is only run with --configs=cifar32"}
+  res["ours_over_peer"] = ours_over_peer(res)
   if args.env_sweep:
     res["env_sweep"] = env_sweep(args, steps=args.steps or (2 if args.quick else 4))
   res["total_wall_s"] = time.perf_counter() - t_start

@@ -143,21 +143,23 @@ def describe(new: dict[str, str]) -> str:
           f"rounding; {OPT_OUT}=0 turns this off; README 'CPU defaults')")
 
 
-def _reexec_argv(argv, module: str) -> list[str]:
+def _reexec_argv(argv, module: str | None) -> list[str]:
   """The command line that starts this program again. Interpreter options (-u, -X ...) are kept
-  when sys.orig_argv shows the program was started as `python [OPTIONS] -m MODULE ARGS`."""
-  tail = ["-m", module, *argv[1:]]
+  when sys.orig_argv shows the program was started as `python [OPTIONS] -m MODULE ARGS` (or, with
+  module=None, as `python [OPTIONS] SCRIPT ARGS`, argv[0] being the script)."""
+  tail = ["-m", module, *argv[1:]] if module is not None else list(argv)
   orig = list(getattr(sys, "orig_argv", []))
   if len(orig) > len(tail) and orig[len(orig) - len(tail):] == tail:
     return [sys.executable, *orig[1:]]
   return [sys.executable, *tail]
 
 
-def apply_for_command_line(argv, *, module: str = "mmd_jax.main") -> None:
-  """For `python -m MODULE`: sets the CPU defaults the user has not set. XLA_FLAGS alone is set
-  in this process; GLIBC_TUNABLES needs a new one, so then the interpreter is executed again with
-  the same arguments (same pid: signals and exit codes reach the new program). Call it before
-  JAX initialises a backend, i.e. before any computation."""
+def apply_for_command_line(argv, *, module: str | None = "mmd_jax.main") -> None:
+  """For `python -m MODULE` (or, with module=None, a script `python SCRIPT`; argv = sys.argv):
+  sets the CPU defaults the user has not set. XLA_FLAGS alone is set in this process;
+  GLIBC_TUNABLES needs a new one, so then the interpreter is executed again with the same
+  arguments (same pid: signals and exit codes reach the new program). Call it before JAX
+  initialises a backend, i.e. before any computation."""
   if os.environ.pop(REEXEC_MARKER, None) is not None:
     return  # this is the re-executed interpreter
   new = changes(os.environ)
