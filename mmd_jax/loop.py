@@ -296,7 +296,8 @@ def _run(run, workdir, ckpt, *, periodic_specs, final_specs) -> dict:
     params = run.eval_params(state, final=True)
     use_ema = bool(config.eval.use_ema) or run.kind == "student"
     key = periodic.final_eval_key(config=config, step=step_now, params=params,
-                                  specs=final_specs, use_ema=use_ema)
+                                  specs=final_specs, use_ema=use_ema,
+                                  sampling={"clip": run.sample_clip(), "settings": run.settings})
     rows = periodic.reusable_final_eval(workdir, key=key)
     if rows:
       logging.info("Reusing the final evaluation in %s (same step, parameters, specs and "

@@ -1,8 +1,13 @@
 """Training and sampling agree (paper-fidelity issue): the dropout options of distillation and the
 clipping of x_tilde in the training draws of z_s, against direct computations."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+
+from mmd_jax import runs
 
 from mmd_jax.diffusion import process
 from mmd_jax.diffusion.schedules import Schedule
@@ -85,3 +90,37 @@ def test_clipped_training_draw_is_the_posterior_of_the_clipped_x_tilde():
   noise_part = clipped["z_s"] - mean
   std = 0.7 * jnp.sqrt((1 - r) * jax.nn.sigmoid(-ls))
   assert float(jnp.abs(noise_part).max()) <= float(6 * std.max()) + 1e-5
+
+
+@pytest.mark.parametrize("clipping, train, sample", [("neither", None, None), ("both", 1.0, 1.0),
+                                                     ("sampler", None, 1.0)])
+def test_student_run_clips_training_draws_and_samplers_alike(clipping, train, sample):
+  """The run passes one clip to the training draws of z_s and to the student's samplers ('neither'
+  and 'both' agree; 'sampler' is the old mismatch, kept as an option)."""
+  config = _runlocal_student()
+  config.distill.clipping = clipping
+  run = runs.build(config, kind="student", mesh=None, need_data=False)
+  assert run.train_clip() == train and run.sample_clip() == sample
+
+
+@pytest.mark.parametrize("saved, mode", [({"clip_train_draws": True}, "both"),
+                                         ({"clip_train_draws": False}, "sampler"),
+                                         ({}, "sampler")])
+def test_configs_saved_before_the_clipping_option_keep_their_behaviour(saved, mode):
+  """A student saved by older code evaluates with the clipping it was trained and sampled with."""
+  config = _runlocal_student()
+  del config.distill["clipping"]
+  config.distill.update(saved)
+  assert mm.clipping(config.distill) == mode
+  run = runs.build(config, kind="student", mesh=None, need_data=False)
+  assert run.sample_clip() == 1.0
+  assert run.train_clip() == (1.0 if mode == "both" else None)
+
+
+def _runlocal_student():
+  from mmd_jax import config_lib
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                      "imagenet64_distill.py")
+  config = config_lib.load_config_file(path, "runlocal")
+  assert config.diffusion.clip_x == 1.0
+  return config

@@ -99,8 +99,8 @@ def make_distill_step(*, config, denoise: Denoise, schedule: Schedule,
                       null_label: int | None = None, use_text: bool = False,
                       phase: str | None = None, clip_x: float | None = None):
   """The step of config.variant (see the variant modules' make_step). clip_x: the clip of
-  x_tilde in the draw of z_s (the run passes the sampler's, diffusion.clip_x, when
-  distill.clip_train_draws is set; None = unclipped)."""
+  x_tilde in the draw of z_s (the run passes diffusion.clip_x when distill.clipping is
+  'both'; None = unclipped)."""
   validate_config(config)
   v = variant(config.variant)
   kwargs = dict(config=config, denoise=denoise, schedule=schedule, student_tx=student_tx,

@@ -92,10 +92,12 @@ FINAL_EVAL_VERSION = 1
 _KEY_FILE = "final_eval.key.json"
 
 
-def final_eval_key(*, config, step: int, params, specs, use_ema: bool) -> dict:
+def final_eval_key(*, config, step: int, params, specs, use_ema: bool,
+                   sampling: dict | None = None) -> dict:
   """Everything that changes a final evaluation's numbers: stored beside final_eval.json
-  (final_eval.key.json) and compared before the rows are reused."""
-  return {"version": FINAL_EVAL_VERSION, "step": int(step),
+  (final_eval.key.json) and compared before the rows are reused. sampling: the run's sampler
+  clip and settings (a student's eta, spacing, grid)."""
+  return {"version": FINAL_EVAL_VERSION, "step": int(step), "sampling": sampling or {},
           "fingerprint": runs_common.fingerprint(params),
           "specs": [{k: s[k] for k in ("sampler", "num_steps", "guidance")} for s in specs],
           "num_samples": int(config.eval.num_samples),

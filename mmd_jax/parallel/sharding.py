@@ -18,6 +18,10 @@ A dimension that does not divide by its mesh axes is replicated with a logged no
 `config.mesh.fsdp_fill=True` (default) a parameter whose rules leave the fsdp axis unused gets it
 on its largest divisible replicated dimension, so FSDP memory scales as 1/fsdp for every leaf.
 
+On a mesh whose data, fsdp and tensor axes are all > 1, the default rules leave `conv_out`
+unsplit (avoid_xla_conv_grad_bug: XLA's SPMD partitioner returns wrong conv input gradients
+there); naming `conv_out` in `config.mesh.rules` overrides this.
+
 Everything here is a pure function of shapes and axis sizes ({"data": 8, "fsdp": 1, ...}), so the
 decisions can be tested as data and printed for a pod on a laptop.
 """
@@ -73,26 +77,51 @@ def parse_rules(spec, *, base: Iterable[tuple[str, Any]]) -> dict[str, Axes]:
   otherwise silently replicate that dimension).
   """
   rules = {name: _axes_of(axes, where=f"model logical rule {name!r}") for name, axes in base}
-  if spec is None or (isinstance(spec, str) and not spec.strip()):
-    return rules
-  if isinstance(spec, str):
-    pairs = []
-    for item in spec.split(","):
-      if not item.strip():
-        continue
-      if "=" not in item:
-        raise ShardingRuleError(f"config.mesh.rules: cannot parse {item!r}; write NAME=AXIS, "
-                                "e.g. 'conv_out=tensor,embed=none'.")
-      name, axes = item.split("=", 1)
-      pairs.append((name.strip(), axes.strip()))
-  else:
-    pairs = [tuple(p) for p in spec]
-  for name, axes in pairs:
+  for name, axes in _rule_pairs(spec):
     if name not in rules:
       raise ShardingRuleError(f"config.mesh.rules: unknown logical axis {name!r}; the model's "
                               f"names are {sorted(rules)}.")
     rules[name] = _axes_of(axes, where=f"config.mesh.rules {name}")
   return rules
+
+
+def _rule_pairs(spec) -> list[tuple[str, Any]]:
+  if spec is None or (isinstance(spec, str) and not spec.strip()):
+    return []
+  if not isinstance(spec, str):
+    return [tuple(p) for p in spec]
+  pairs = []
+  for item in spec.split(","):
+    if not item.strip():
+      continue
+    if "=" not in item:
+      raise ShardingRuleError(f"config.mesh.rules: cannot parse {item!r}; write NAME=AXIS, "
+                              "e.g. 'conv_out=tensor,embed=none'.")
+    name, axes = item.split("=", 1)
+    pairs.append((name.strip(), axes.strip()))
+  return pairs
+
+
+# XLA's SPMD partitioner (jax 0.10.2 and 0.11.2, Shardy and GSPMD) can return a conv's input
+# gradient with its batch shards permuted when the batch is split over data x fsdp and the kernel
+# over fsdp (in) x tensor (out): experiments/xla_repros/spmd_conv_grad_batch_order.py, asserted
+# still failing by tests/test_sharding.py. Drop this when that test reports XLA fixed it.
+XLA_CONV_GRAD_BUG_NAMES = ("conv_out",)
+XLA_CONV_GRAD_BUG_NOTE = ("conv_out not over tensor: XLA bug, "
+                          "experiments/xla_repros/spmd_conv_grad_batch_order.py")
+
+
+def avoid_xla_conv_grad_bug(rules: dict[str, Axes], axis_sizes, *,
+                            explicit: Iterable[str] = ()) -> dict[str, Axes]:
+  """`rules` without the tensor axis on conv_out when data, fsdp and tensor are all > 1, unless
+  config.mesh.rules named conv_out (`explicit`)."""
+  if not all(int(axis_sizes.get(a, 1)) > 1 for a in MESH_AXES):
+    return rules
+  out = dict(rules)
+  for name in XLA_CONV_GRAD_BUG_NAMES:
+    if name in out and name not in explicit:
+      out[name] = tuple(a for a in out[name] if a != "tensor")
+  return out
 
 
 def parse_fallback(spec) -> tuple[tuple[str, str], ...]:
@@ -265,19 +294,28 @@ def path_str(path) -> str:
 
 
 def decide_tree(tree, *, rules: dict[str, Axes], axis_sizes: dict[str, int],
-                fallback=DEFAULT_FALLBACK, strict: bool = False, fsdp_fill: bool = True):
+                fallback=DEFAULT_FALLBACK, strict: bool = False, fsdp_fill: bool = True,
+                explicit_rules: Iterable[str] = ()):
   """A tree of Decisions shaped like nn.unbox(tree). Leaves may be boxed (nn.Partitioned, with
-  logical names) or plain arrays / ShapeDtypeStructs (regex fallback)."""
+  logical names) or plain arrays / ShapeDtypeStructs (regex fallback).
+
+  explicit_rules: the logical names config.mesh.rules set; avoid_xla_conv_grad_bug leaves them.
+  """
   leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_box)
+  safe = avoid_xla_conv_grad_bug(rules, axis_sizes, explicit=explicit_rules)
+  changed = {n for n in rules if safe[n] != rules[n]}
   out = []
   for path, leaf in leaves:
     names = None
     if _is_box(leaf):
       names = tuple(getattr(leaf, "names", ()) or ()) or None
       leaf = leaf.value
-    out.append(decide(path=path_str(path), shape=np.shape(leaf), dtype=leaf.dtype, names=names,
-                      rules=rules, axis_sizes=axis_sizes, fallback=fallback, strict=strict,
-                      fsdp_fill=fsdp_fill))
+    d = decide(path=path_str(path), shape=np.shape(leaf), dtype=leaf.dtype, names=names,
+               rules=safe, axis_sizes=axis_sizes, fallback=fallback, strict=strict,
+               fsdp_fill=fsdp_fill)
+    if changed.intersection(names or ()):
+      d = dataclasses.replace(d, notes=d.notes + (XLA_CONV_GRAD_BUG_NOTE,))
+    out.append(d)
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -298,16 +336,23 @@ def to_shardings(decisions_tree, mesh):
 def options_from_config(mesh_config, *, model_rules) -> dict:
   """Keyword arguments of decide_tree (less axis_sizes) from config.mesh."""
   get = mesh_config.get if hasattr(mesh_config, "get") else (lambda k, d=None: d)
-  return dict(rules=parse_rules(get("rules", ""), base=model_rules),
+  spec = get("rules", "")
+  return dict(rules=parse_rules(spec, base=model_rules),
               fallback=parse_fallback(get("fallback_rules", "")),
-              strict=bool(get("strict", False)), fsdp_fill=bool(get("fsdp_fill", True)))
+              strict=bool(get("strict", False)), fsdp_fill=bool(get("fsdp_fill", True)),
+              explicit_rules=frozenset(name for name, _ in _rule_pairs(spec)))
 
 
 def log_notes(decisions_tree, *, limit: int = 20) -> int:
   """Logs the replication/fill notes of a tree of Decisions (once per path); returns the count."""
   from absl import logging  # pylint: disable=g-import-not-at-top
   rows = [(d.path, n) for d in decisions_list(decisions_tree) for n in d.notes
-          if not n.startswith("fsdp_fill")]
+          if not n.startswith("fsdp_fill") and n != XLA_CONV_GRAD_BUG_NOTE]
+  workaround = sum(n == XLA_CONV_GRAD_BUG_NOTE for d in decisions_list(decisions_tree)
+                   for n in d.notes)
+  if workaround:
+    logging.info("sharding note: %d parameters: %s; set config.mesh.rules='conv_out=tensor' to "
+                 "split them anyway", workaround, XLA_CONV_GRAD_BUG_NOTE)
   for path, note in rows[:limit]:
     logging.info("sharding note: %s: %s", path, note)
   if len(rows) > limit:

@@ -128,8 +128,13 @@ class Run:
     return samplers.make_sample_fn(denoise=self.denoise, schedule=self.schedule,
                                    num_classes=self.spec.num_classes,
                                    data_shape=self.spec.data_shape,
-                                   clip=self.config.diffusion.get("clip_x"),
+                                   clip=self.sample_clip(),
                                    settings=self.settings)
+
+  def sample_clip(self) -> float | None:
+    """The clip of x_hat in the run's samplers (diffusion.clip_x; a student's may differ)."""
+    clip = self.config.diffusion.get("clip_x")
+    return None if clip is None else float(clip)
 
   def sampler_names(self) -> tuple[str, ...]:
     return samplers.names(student=self.settings is not None)

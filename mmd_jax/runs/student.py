@@ -21,6 +21,7 @@ from absl import logging
 from mmd_jax import config_lib
 from mmd_jax.data import pipeline
 from mmd_jax.diffusion import conditioning, samplers
+from mmd_jax.distill import moment_matching as mm
 from mmd_jax.distill import preconditioners, steps as distill_steps
 from mmd_jax.parallel import mesh as mesh_lib
 from mmd_jax.runs import base, common
@@ -305,10 +306,16 @@ class StudentRun(base.Run):
     return programs
 
   def train_clip(self) -> float | None:
-    """The clip of x_tilde in the training draws of z_s: the sampler's (diffusion.clip_x) with
-    distill.clip_train_draws, else None (unclipped)."""
+    """The clip of x_tilde in the training draws of z_s: diffusion.clip_x with
+    distill.clipping='both', else None (unclipped)."""
     clip = self.config.diffusion.get("clip_x")
-    return float(clip) if clip and self.dcfg.get("clip_train_draws", False) else None
+    return float(clip) if clip and mm.clipping(self.dcfg) == "both" else None
+
+  def sample_clip(self) -> float | None:
+    """The clip of x_hat in the student's samplers: diffusion.clip_x with distill.clipping
+    'both' or 'sampler', else None (the samplers then see what the training draws saw)."""
+    clip = self.config.diffusion.get("clip_x")
+    return float(clip) if clip and mm.clipping(self.dcfg) in ("both", "sampler") else None
 
   # ----- evaluation -----
   def own_spec(self) -> dict:
