@@ -128,6 +128,7 @@ def test_parameter_space_student_resumes_every_leaf_including_nu_ema(trained, da
   _stop_after(workdir, 2)
   distill_loop.distill_and_evaluate(config, workdir)
   assert f"Resumed from {workdir}/checkpoints/2 (student)" in caplog.text
+  assert [json.loads(l)["step"] for l in open(os.path.join(workdir, "metrics.jsonl"))] == [2, 4]
   resumed = _state_tree(workdir, 4)
   for part in ref:
     for a, b in zip(_leaves(ref[part]), _leaves(resumed[part])):
