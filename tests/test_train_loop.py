@@ -270,13 +270,15 @@ def test_sigkill_then_rerun_equals_uninterrupted_run_bit_for_bit(data_dir, tmp_p
     np.testing.assert_array_equal(a, b)
 
 
+# Far more steps than run in the test: the run cannot finish before SIGTERM reaches it.
+TERM_FLAGS = ("--config.training.num_steps=100000", "--config.training.checkpoint_every=4",
+              "--config.training.log_every=4", "--config.eval.final=")
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_75(data_dir, tmp_path):
   from mmd_jax import errors
   workdir = tmp_path / "term"
-  # Far more steps than run in the test: the run cannot finish before SIGTERM reaches it.
-  flags = ("--config.training.num_steps=100000", "--config.training.checkpoint_every=4",
-           "--config.training.log_every=4", "--config.eval.final=")
-  proc = helpers.cli(workdir, data_dir, *flags)
+  proc = helpers.cli(workdir, data_dir, *TERM_FLAGS)
   _wait_for_checkpoint(str(workdir), proc)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=120)
@@ -285,3 +287,16 @@ def test_sigterm_saves_a_checkpoint_and_exits_75(data_dir, tmp_path):
   assert f"preempted at step {stopped}" in out and "Traceback" not in out
   assert stopped < 100000 and str(stopped) in os.listdir(workdir / "checkpoints")
   assert not (workdir / "final_eval.json").exists()
+
+
+def test_sigterm_during_the_pipelines_teacher_stage_exits_75_and_distils_nothing(data_dir,
+                                                                                 tmp_path):
+  workdir = tmp_path / "pipe"
+  proc = helpers.cli(workdir, data_dir, *TERM_FLAGS, "--mode=pipeline",
+                     "--config.pipeline.students=alternating:2")
+  _wait_for_checkpoint(str(workdir / "teacher"), proc)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 75, out
+  assert re.search(r"teacher stage was preempted at step \d+", out) and "Traceback" not in out
+  assert not (workdir / "students").exists() and not (workdir / "comparison.md").exists()
