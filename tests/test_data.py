@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import sys
-import time
 
 import ml_collections
 import numpy as np
@@ -231,12 +230,11 @@ def no_tfds_network(monkeypatch):
 
 def test_missing_catalogue_dataset_raises_with_instructions(
     tmp_path, no_tfds_network):
-  start = time.monotonic()
+  # Fails fast: the error comes before any TFDS call that could download (no_tfds_network).
   with pytest.raises(DatasetNotPreparedError) as err:
     pipeline.make_train_iterator(
         _cfg(name="cifar10", data_dir=str(tmp_path)), global_batch_size=8,
         seed=0, shard_index=0, shard_count=1)
-  assert time.monotonic() - start < 5
   msg = str(err.value)
   assert isinstance(err.value, ValueError)
   assert str(tmp_path / "cifar10") in msg

@@ -128,6 +128,7 @@ def test_parameter_space_student_resumes_every_leaf_including_nu_ema(trained, da
   _stop_after(workdir, 2)
   distill_loop.distill_and_evaluate(config, workdir)
   assert f"Resumed from {workdir}/checkpoints/2 (student)" in caplog.text
+  assert [json.loads(l)["step"] for l in open(os.path.join(workdir, "metrics.jsonl"))] == [2, 4]
   resumed = _state_tree(workdir, 4)
   for part in ref:
     for a, b in zip(_leaves(ref[part]), _leaves(resumed[part])):
@@ -174,14 +175,24 @@ def test_init_from_names_a_student_of_this_teacher(trained, data_dir, tmp_path):
   assert not os.path.exists(tmp_path / "b" / "checkpoints" / "2")
 
 
-def test_pipeline_reuses_the_teacher_and_writes_the_comparison(trained, data_dir, tmp_path):
+def test_pipeline_reuses_the_teacher_and_writes_the_comparison(trained, data_dir, tmp_path,
+                                                              monkeypatch):
+  from mmd_jax.evaluation import periodic
   teacher_dir, teacher_out = trained
   workdir = tmp_path / "pipe"
   shutil.copytree(teacher_dir, workdir / "teacher")
   config = helpers.tiny_digits_config(data_dir, **{
       "pipeline.students": "alternating:2,alternating:1:from=alternating:2"})
   evals = open(workdir / "teacher" / "eval_results.jsonl").read()
+  evaluate, evaluated = periodic.evaluate, []
+
+  def spy(**kwargs):  # the students are evaluated; the finished teacher must not be
+    evaluated.append(os.path.basename(kwargs["workdir"]))
+    return evaluate(**kwargs)
+
+  monkeypatch.setattr(periodic, "evaluate", spy)
   rows = pipeline.run_pipeline(config, str(workdir))
+  assert "teacher" not in evaluated and len(evaluated) == 2, evaluated
   methods = [r["method"] for r in rows]
   assert methods == ["teacher ancestral", "student alternating",
                      "student alternating (from alternating k=2)"]

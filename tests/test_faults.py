@@ -405,16 +405,19 @@ def test_a_student_refuses_an_unfinished_teacher_unless_a_step_is_named(trained,
   assert run.load_teacher().step == 3  # an explicitly named step is the user's choice
 
 
-def test_every_mode_reports_user_errors_in_one_line_with_exit_2(tmp_path, data_dir):
+def test_every_mode_reports_user_errors_in_one_line_with_exit_2(tmp_path, data_dir, trained):
   procs = {
       "distill": helpers.cli(tmp_path / "d", data_dir, "--mode=distill",
                              f"--config.distill.teacher={tmp_path / 'no_teacher'}"),
+      "distill_step": helpers.cli(tmp_path / "d99", data_dir, "--mode=distill",
+                                  f"--config.distill.teacher={trained[0]}/checkpoints/99"),
       "pipeline": helpers.cli(tmp_path / "p", data_dir, "--mode=pipeline",
                               "--config.pipeline.students=alternating:two"),
       "print_sharding": helpers.cli(tmp_path / "s", data_dir, "--mode=print_sharding",
                                     "--topology=v5p:4x"),
   }
   expect = {"distill": ("TeacherError", "train the teacher first"),
+            "distill_step": ("step 99 not found", "available steps: [3, 6]"),
             "pipeline": ("ConfigError", "cannot parse 'alternating:two'"),
             "print_sharding": ("AotError", "is not GEN:AxB[xC]")}
   for mode, proc in procs.items():
@@ -424,3 +427,5 @@ def test_every_mode_reports_user_errors_in_one_line_with_exit_2(tmp_path, data_d
     for part in expect[mode]:
       assert part in line, (mode, line)
   assert not (tmp_path / "p" / "teacher" / "checkpoints").exists()
+  d99 = tmp_path / "d99" / "checkpoints"
+  assert not d99.exists() or not os.listdir(d99)  # nothing saved

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from mmd_jax import io_utils
 from mmd_jax.data.errors import IteratorStateMismatchError
 
 
@@ -109,8 +110,7 @@ class GaussianMixture:
     """Returns the JSON text; also writes it to `path` when given."""
     text = json.dumps(self.to_dict(), indent=2)
     if path is not None:
-      with open(path, "w", encoding="utf-8") as f:
-        f.write(text + "\n")
+      io_utils.write_text_atomic(path, text + "\n")
     return text
 
   @classmethod

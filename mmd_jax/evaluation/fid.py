@@ -33,6 +33,8 @@ from typing import Any, Callable, Iterable, NamedTuple
 import numpy as np
 import scipy.linalg
 
+from mmd_jax import io_utils
+
 __all__ = [
     "PROTOCOL",
     "STANDIN_PROTOCOL_PREFIX",
@@ -184,8 +186,8 @@ def save_reference_stats(path: str | os.PathLike[str], *, mu: Any, sigma: Any,
   mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
   if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
     raise ValueError(f"need mu [D] and sigma [D, D], got {mu.shape} and {sigma.shape}.")
-  np.savez(path, mu=mu, sigma=sigma, protocol=np.array(str(protocol)),
-           count=np.array(int(count), np.int64))
+  io_utils.write_npz_atomic(path, dict(mu=mu, sigma=sigma, protocol=np.array(str(protocol)),
+                                       count=np.array(int(count), np.int64)))
 
 
 def load_reference_stats(path: str | os.PathLike[str], *,

@@ -44,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmd_jax import io_utils
+
 __all__ = [
     "INCEPTION_INPUT_SIZE",
     "INCEPTION_NPZ_FORMAT",
@@ -457,8 +459,8 @@ def load_inception_params(npz_path: str) -> dict[str, Any]:
 def save_inception_npz(path: str, flat: Mapping[str, np.ndarray]) -> None:
   """Write flat arrays (from :func:`convert_torch_state_dict`) to .npz."""
   _validate_flat(flat, source="arrays to save")
-  np.savez(path, **{_FORMAT_KEY: np.array(INCEPTION_NPZ_FORMAT)},
-           **{k: np.asarray(v, np.float32) for k, v in flat.items()})
+  io_utils.write_npz_atomic(path, {_FORMAT_KEY: np.array(INCEPTION_NPZ_FORMAT),
+                                  **{k: np.asarray(v, np.float32) for k, v in flat.items()}})
 
 
 # --------------------------------------------------------------------------
