@@ -60,11 +60,13 @@ def default_config() -> ml_collections.ConfigDict:
                      per update, picked by step parity on the host; 'device' = one program whose
                      lax.cond picks the update. Same updates; on XLA:CPU convolutions inside a
                      conditional run on a slow generic kernel (a digits step was 8x slower).
-  time_sampling      'auto' (default: 'continuous' for k = 1, else 'grid'), 'grid' or
-                     'continuous'; see the module docstring. 16-D GMM, 3000 steps (README): k = 8
-                     grid -0.0007 vs continuous 0.0046 energy; k = 1 from the regressed teacher
-                     grid collapses (6.15 over 3 seeds), continuous does not (0.031); on the 2-D
-                     spec grid is fine at k = 1 (0.0021). So k = 1 defaults to continuous.
+  time_sampling      'auto' (default: 'continuous' for k = 1, else 'grid'), 'grid',
+                     'continuous' or 'mixed'; see the module docstring. 16-D GMM, 3000 steps
+                     (README): k = 8 grid -0.0007 vs continuous 0.0046 energy; k = 1 from the
+                     regressed teacher grid collapses (6.15 over 3 seeds), mixed on 1 of 3
+                     seeds (2.26), continuous on none (0.031). Continuous costs quality where
+                     grid does not collapse (2-D GMM, digits: README "Fidelity"), but is the
+                     only safe choice, so k = 1 defaults to it.
   weighting          w(s): 'auto' (default: 'constant' for k <= 2, else 'snr_plus_one'),
                      'snr_plus_one', 'constant', 'sigmoid', 'teacher'. On the GMM benchmark
                      (2000 steps) snr_plus_one made teacher-initialised k = 1 students collapse
