@@ -302,6 +302,15 @@ def test_baseline_configs_are_refused_with_one_clear_error(data_dir):
     student_run.validate(config)
 
 
+def test_pipeline_refuses_a_bad_baseline_stage_before_the_teacher_stage(data_dir, tmp_path):
+  from mmd_jax import pipeline
+  config = helpers.tiny_digits_config(data_dir, **{
+      "pipeline.students": "progressive:2,progressive:3"})
+  with pytest.raises(ConfigError, match="teacher_steps=64 must be k \\* 2\\^R"):
+    pipeline.run_pipeline(config, str(tmp_path / "p"))
+  assert not os.path.exists(tmp_path / "p" / "teacher")
+
+
 # ----------------------------------------------------------------------------------------------
 # SIGKILL and resume, through the command line
 # ----------------------------------------------------------------------------------------------
