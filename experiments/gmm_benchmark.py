@@ -20,10 +20,16 @@ Setting (the issue's protocol):
              log-stds) as the teacher parameters, k = 8
   progressive  k = 1 students of alt and ps initialised from their k = 2 students (instead of
              the regressed MLP, whose t = 1 output is the data mean for every z_1)
+  pd         progressive distillation (Salimans & Ho 2022; distill/progressive.py), round 0's
+             teacher = exact denoiser, teacher_steps (64) DDIM steps halved down to k; the
+             rounds share --steps; sampled with k DDIM steps. k = 1, 2, 4, 8
+  mcd        multistep consistency distillation (Heek et al. 2024; distill/consistency.py),
+             teacher = exact denoiser, 64 teacher DDIM steps over [0, 1], stop-gradient target;
+             sampled with k DDIM steps. k = 1, 2, 4, 8
   uncond     the alternating k = 8 student with z_s ~ q(z_s | x_tilde) (ablation)
-  timing     wall time per step of alt, alt_mlp and ps at k = 8 in interleaved rounds (the
+  timing     wall time per step of alt, alt_mlp, ps, pd, mcd at k = 8 in interleaved rounds (the
              per-row ms/step of the training runs depend on the machine's load at the time)
-  The k = 8 rows of alt, ps and uncond are repeated over --seeds seeds (distillation
+  The k = 8 rows of alt, ps, pd, mcd and uncond are repeated over --seeds seeds (distillation
   randomness; the regressed MLP is the same). The distillation weighting is the config default
   'auto' (constant for k <= 2, snr_plus_one above).
 - Metrics (mmd_jax.evaluation.sample_metrics) on --num_samples generated samples against as many
@@ -37,7 +43,7 @@ Output: a table on stdout; --out writes JSON {"rows": {"<method>/k=<k>[/seed=<s>
 value, ...}}, "summary": {...mean/std over seeds...}, "settings": {...}}; for a 2-D spec also a
 scatter plot next to it (<out>.png).
 
-Row overrides (--extra, ';'-separated): "<alt|alt_mlp|ps|ps_mixture>:k=<k>[:field=value...]" with
+Row overrides (--extra, ';'-separated): "<alt|alt_mlp|ps|ps_mixture|pd|mcd>:k=<k>[:field=value...]" with
 fields of the distill config (moment_matching.default_config()), init_from=<an earlier row>
 (initialise student and auxiliary from that row's trained student) or seeds=<n> (repeat the row
 over distillation seeds 0..n-1), e.g. "alt:k=1:time_sampling=continuous:seeds=3;ps:k=8:nu_ema=0.0".
@@ -68,9 +74,11 @@ from mmd_jax.models import gmm, mlp  # pylint: disable=wrong-import-position
 
 TEACHER_STEPS = (1, 2, 4, 8, 32, 256)
 STUDENT_KS = (1, 2, 4, 8)
-ROW_GROUPS = ("floor", "teacher", "mlp_teacher", "alt", "ps", "progressive", "ps_mixture",
-              "alt_mlp", "uncond", "timing")
-KINDS = ("alt", "alt_mlp", "ps", "ps_mixture")
+ROW_GROUPS = ("floor", "teacher", "mlp_teacher", "alt", "ps", "pd", "mcd", "progressive",
+              "ps_mixture", "alt_mlp", "uncond", "timing")
+VARIANT_OF = {"alt": "alternating", "alt_mlp": "alternating", "ps": "parameter_space",
+              "ps_mixture": "parameter_space", "pd": "progressive", "mcd": "consistency"}
+KINDS = tuple(VARIANT_OF)
 METRICS = ("energy", "sliced_w2", "loglik", "mode_weight_error")
 CHUNK = 100  # distillation steps per compiled lax.scan
 
@@ -228,18 +236,19 @@ def setup_run(*, kind, k, seed, overrides, args, mixture, schedule, denoise, mlp
   config.num_steps = args.steps
   config.batch_size = args.batch
   config.ema_decay = args.ema
-  if kind in ("alt", "alt_mlp"):
-    config.variant = "alternating"
-  else:
-    config.variant = "parameter_space"
-    if args.nu_ema is not None:
-      config.nu_ema = args.nu_ema
+  config.variant = VARIANT_OF[kind]
+  if config.variant == "parameter_space" and args.nu_ema is not None:
+    config.nu_ema = args.nu_ema
   config.update(overrides)
   steps.validate_config(config)
   tx, aux_tx = steps.make_optimizers(config)
   exact = gmm.make_denoiser()
   precond = None
-  if kind in ("alt", "alt_mlp"):
+  if kind in ("pd", "mcd"):
+    teacher_denoise, teacher_params = exact, gmm.gmm_params(mixture)
+    step = baseline_step(config=config, denoise=denoise, schedule=schedule, tx=tx,
+                         teacher_denoise=teacher_denoise)
+  elif kind in ("alt", "alt_mlp"):
     if kind == "alt":
       teacher_denoise, teacher_params = exact, gmm.gmm_params(mixture)
     else:
@@ -270,14 +279,17 @@ def setup_run(*, kind, k, seed, overrides, args, mixture, schedule, denoise, mlp
                                    aux_tx=aux_tx, teacher_params=teacher_params)
   batch_size = config.batch_size
 
-  def call(state, key, teacher_params, precond):
+  def call(state, key, teacher_params, precond, step=step):
     batch = {"x": sample_data(mixture, jax.random.fold_in(key, 1), batch_size)}
-    if config.variant == "alternating":
-      return step(state, teacher_params, batch, jax.random.fold_in(key, 2))
-    return step(state, teacher_params, batch, jax.random.fold_in(key, 2), precond)
+    if config.variant == "parameter_space":
+      return step(state, teacher_params, batch, jax.random.fold_in(key, 2), precond)
+    return step(state, teacher_params, batch, jax.random.fold_in(key, 2))
 
-  # Cost of one step, from XLA (compiled separately from the scanned training loop).
-  compiled = jax.jit(call).lower(state, jax.random.PRNGKey(0), teacher_params, precond).compile()
+  # Cost of one step, from XLA (compiled separately from the scanned training loop; for
+  # progressive distillation the round-0 program, whose teacher is the same as alt's).
+  one = getattr(step, "first", step)
+  compiled = jax.jit(lambda *a: call(*a, step=one)).lower(
+      state, jax.random.PRNGKey(0), teacher_params, precond).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
@@ -289,6 +301,26 @@ def setup_run(*, kind, k, seed, overrides, args, mixture, schedule, denoise, mlp
 
   return dict(config=config, state=state, chunk=chunk, flops=flops,
               teacher_denoise=teacher_denoise, teacher_params=teacher_params, precond=precond)
+
+
+def baseline_step(*, config, denoise, schedule, tx, teacher_denoise):
+  """The step of a pd or mcd row. Progressive distillation's two programs (round 0, later
+  rounds) are picked inside the scanned loop by lax.cond on the round (the loop of the package
+  picks them on the host); `.first` is the round-0 program."""
+  phases = steps.step_phases(config)
+  programs = [steps.make_distill_step(config=config, denoise=denoise, schedule=schedule,
+                                      student_tx=tx, teacher_denoise=teacher_denoise,
+                                      phase=phase) for phase in phases]
+  if len(programs) == 1:
+    return programs[0]
+  later_from = steps.VARIANTS["progressive"].round_start(config, 1)
+
+  def step(state, teacher_params, batch, rng):
+    return jax.lax.cond(state.step < later_from, programs[0], programs[1], state,
+                        teacher_params, batch, rng)
+
+  step.first = programs[0]
+  return step
 
 
 def distill_one(*, kind, k, seed, overrides, args, mixture, schedule, denoise, mlp_params,
@@ -333,11 +365,11 @@ def distill_one(*, kind, k, seed, overrides, args, mixture, schedule, denoise, m
 
 
 def time_variants(*, args, mixture, schedule, denoise, mlp_params, log, rounds=5):
-  """Wall time per step of alt, alt_mlp and ps at k = 8, measured in interleaved rounds (one
-  CHUNK-step call of each per round, after compilation and a warm-up call) so that all three
-  see the same machine load. Returns {kind: {"median_ms", "min_ms", "mflop"}}."""
+  """Wall time per step of alt, alt_mlp, ps, pd and mcd at k = 8, measured in interleaved
+  rounds (one CHUNK-step call of each per round, after compilation and a warm-up call) so that
+  all of them see the same machine load. Returns {kind: {"median_ms", "min_ms", "mflop"}}."""
   runs = {}
-  for kind in ("alt", "alt_mlp", "ps"):
+  for kind in ("alt", "alt_mlp", "ps", "pd", "mcd"):
     runs[kind] = setup_run(kind=kind, k=8, seed=0, overrides={}, args=args, mixture=mixture,
                            schedule=schedule, denoise=denoise, mlp_params=mlp_params)
   key = jax.random.PRNGKey(0)
@@ -496,8 +528,8 @@ def check_claims(rows, summary):
     if None in teacher:
       continue
     best_teacher = min(teacher)
-    for student in (f"alt/k={k}", f"ps/k={k}", f"alt_progressive/k={k}",
-                    f"ps_progressive/k={k}"):
+    for student in (f"alt/k={k}", f"ps/k={k}", f"pd/k={k}", f"mcd/k={k}",
+                    f"alt_progressive/k={k}", f"ps_progressive/k={k}"):
       e = metric(student, "energy")
       if e is not None:
         out[f"2_{student}_vs_teacher_k{k}"] = {
@@ -514,7 +546,7 @@ def check_claims(rows, summary):
         "note": "a conditional energy at or below 0 is at the noise floor; the ratio is then "
                 "undefined and the difference in floor standard deviations is the evidence"}
   cost = {}
-  for name in ("alt/k=8", "alt_mlp/k=8", "ps/k=8", "ps_mixture/k=8"):
+  for name in ("alt/k=8", "alt_mlp/k=8", "ps/k=8", "ps_mixture/k=8", "pd/k=8", "mcd/k=8"):
     key = name if name in rows else f"{name}/seed=0"
     if key in rows and "time_per_step_ms" in rows[key]:
       cost[name] = {"energy": metric(name, "energy"),
@@ -604,7 +636,7 @@ def main(argv=None):
       add(f"mlp_teacher_ancestral/k={num}", fn(mlp_params, jax.random.PRNGKey(num)))
 
   jobs = []  # (row name, kind, k, seed, overrides)
-  for kind in ("alt", "ps"):
+  for kind in ("alt", "ps", "pd", "mcd"):
     if kind in groups:
       for k in ks:
         for seed in (range(args.seeds) if k == 8 else (0,)):
@@ -640,6 +672,7 @@ def main(argv=None):
                                    mlp_opt_state=mlp_opt_state)
     trained[name] = ema_params
     cfg = mm.default_config()
+    cfg.variant = VARIANT_OF[kind]
     cfg.num_student_steps = k
     cfg.update({key: v for key, v in overrides.items() if key in ("eta", "spacing")})
     sampler = jax.jit(steps.make_student_sampler(config=cfg, denoise=denoise, schedule=schedule),

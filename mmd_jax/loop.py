@@ -276,7 +276,8 @@ def _run(run, workdir, ckpt, *, periodic_specs, final_specs) -> dict:
           break
         if done % config.training.checkpoint_every == 0 or done == num_steps:
           save(done)
-        if done % config.training.eval_every == 0 and done < num_steps and periodic_specs:
+        if (done % config.training.eval_every == 0 and done < num_steps and periodic_specs
+            and config.eval.num_samples > 0):
           evaluate(state.ema_params, done, periodic_specs, "periodic")
   finally:
     ckpt.wait()

@@ -21,6 +21,7 @@ import numpy as np
 from mmd_jax import config_lib, io_utils, loop
 from mmd_jax.evaluation import images as images_lib
 from mmd_jax.evaluation import pixel_metrics
+from mmd_jax.runs import student as student_run
 
 
 _STUDENT_RE = re.compile(r"^(\w+):(\d+)(?::from=(\w+):(\d+))?$")
@@ -90,6 +91,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
              for s, _ in students]
   for c in configs:  # check all stages' configs before the first long stage
     config_lib.validate(c)
+    student_run.validate(c)
   rows = []
   out = loop.train_and_evaluate(config, teacher_dir)
   _stop_if_preempted(out, "teacher", teacher_dir)

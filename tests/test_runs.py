@@ -31,7 +31,12 @@ def test_aot_lowers_the_teacher_program_the_loop_ran(trained, data_dir):
     ({"distill.variant": "alternating", "distill.update_schedule": "both"}, 1),
     ({"distill.variant": "alternating", "distill.update_schedule": "alternate"}, 2),
     ({"distill.variant": "parameter_space", "distill.preconditioner": "adam"}, 1),
-], ids=["alternating-both", "alternating-alternate-host", "parameter_space"])
+    ({"distill.variant": "progressive", "distill.num_student_steps": 2,
+      "distill.teacher_steps": 8}, 2),
+    ({"distill.variant": "consistency", "distill.num_student_steps": 2,
+      "distill.teacher_steps": 8, "distill.target_network": "ema"}, 1),
+], ids=["alternating-both", "alternating-alternate-host", "parameter_space", "progressive",
+        "consistency"])
 def test_aot_lowers_the_student_programs_the_loop_ran(trained, data_dir, tmp_path, overrides,
                                                       programs):
   config = helpers.tiny_digits_config(data_dir, **{

@@ -2,7 +2,8 @@
 random draws of a step (times, z_t, the student's x_tilde, z_s) and the (guided) teacher.
 
 The variants themselves are modules of their own (mmd_jax/distill/alternating.py,
-parameter_space.py), registered in mmd_jax/distill/steps.py.
+parameter_space.py, and the baselines progressive.py and consistency.py), registered in
+mmd_jax/distill/steps.py.
 
 passed, so denoise functions without one, e.g. the exact mixture denoiser, still work).
 
@@ -48,7 +49,7 @@ class DistillState:
 
 
 
-def make_optimizers(config):
+def make_optimizers(config, *, schedule_steps: int | None = None):
   """(student_tx, aux_tx) from config.optim over config.num_steps training steps; the
   auxiliary's learning rate is scaled by config.aux_lr_scale. aux_tx is None for the
   parameter-space variant.
@@ -66,8 +67,10 @@ def make_optimizers(config):
   step uses the schedule's end value. (Over num_steps counts the cosine stopped at about half
   its course and the warmup took 2 warmup_steps training steps.) 'both' and the
   parameter-space variant update on every step: the plain schedule, unchanged.
+  schedule_steps: the length of the student's schedule when it is not num_steps (progressive
+  distillation restarts its optimizer every round).
   """
-  num_steps = int(config.num_steps)
+  num_steps = int(config.num_steps if schedule_steps is None else schedule_steps)
   alternate = config.variant == "alternating" and config.update_schedule == "alternate"
   every = 2 if alternate else 1
   student_tx = optim.make_optimizer(config.optim, total_steps=num_steps, update_every=every,
@@ -84,18 +87,21 @@ def _copy(tree):
   return jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), tree)
 
 
-def init_distill_state(*, config, init_params, student_tx: optax.GradientTransformation,
-                       aux_tx: optax.GradientTransformation | None = None,
-                       teacher_params=None) -> DistillState:
+def make_state(*, config, init_params, student_tx: optax.GradientTransformation,
+               aux_tx: optax.GradientTransformation | None = None,
+               teacher_params=None, param_copy: bool | None = None) -> DistillState:
   """Student, its EMA and (alternating) the auxiliary all start as copies of `init_params`
   (normally the teacher's EMA parameters). `teacher_params` is only needed for the shape of the
-  nu EMA when it differs from init_params (e.g. a mixture-parameter teacher)."""
+  nu EMA when it differs from init_params (e.g. a mixture-parameter teacher). param_copy: whether
+  aux_params holds a copy of init_params (None: for the alternating variant only; the baselines
+  keep their round teacher or target network there, see steps.init_distill_state)."""
   mm.validate_config(config)
   params = _copy(init_params)
   alternating = config.variant == "alternating"
   if alternating and aux_tx is None:
     raise ValueError("The alternating variant needs aux_tx (the auxiliary's optimizer).")
-  aux_params = _copy(init_params) if alternating else {}
+  copy = alternating if param_copy is None else bool(param_copy)
+  aux_params = _copy(init_params) if copy else {}
   nu_ema = {}
   if not alternating and float(config.nu_ema) > 0:
     nu_ema = jax.tree_util.tree_map(
@@ -187,3 +193,20 @@ def apply_student(state, grads, student_tx, ema_decay):
   params = optax.apply_updates(state.params, updates)
   ema = optim.ema_update(state.ema_params, params, decay=ema_decay)
   return state.replace(params=params, opt_state=opt_state, ema_params=ema)
+
+
+def regression_update(state, *, denoise: Denoise, student_tx, ema_decay, z_t, logsnr_t, label,
+                      text, x_tilde, w, train: bool, rng):
+  """One student update on mean_B w |g_eta(z_t) - sg(x_tilde)|^2 / D, the loss of the
+  baselines (progressive and consistency distillation). Returns (state, loss, gradient norm,
+  g_eta(z_t))."""
+  x_tilde = jax.lax.stop_gradient(x_tilde)
+  w = jax.lax.stop_gradient(w)
+
+  def loss_fn(p):
+    x_hat = call(denoise, p, z_t, logsnr_t, label, train=train, rng=rng, text=text)
+    err = jnp.square(x_hat - x_tilde).reshape(x_hat.shape[0], -1)
+    return jnp.mean(w * jnp.mean(err, axis=-1)), x_hat
+
+  (loss, x_hat), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  return apply_student(state, grads, student_tx, ema_decay), loss, grad_norm(grads), x_hat

@@ -25,6 +25,8 @@ Weightings w(s) (`WEIGHTINGS`):
   'snr_plus_one'  1 + 1 / (exp(-logsnr_s) + exp(-5))   (v-style 1 + SNR with SNR capped at e^5)
   'teacher'       the teacher's training weighting on |x - x_hat|^2 (process.log_x_weight with
                   distill.teacher_weighting, e.g. 'v' = 1 + SNR, 'eps' = SNR)
+  'truncated_snr' max(SNR, 1) (Salimans & Ho 2022, progressive distillation's x-space
+                  weighting; 'auto' for the baselines progressive and consistency)
 """
 from __future__ import annotations
 
@@ -41,7 +43,8 @@ DROPOUTS = ("independent", "shared", "off")
 CLIPPINGS = ("neither", "both", "sampler")
 ALTERNATE_DISPATCHES = ("host", "device")
 TIME_SAMPLINGS = ("grid", "continuous", "mixed")  # and 'auto' (resolve_time_sampling)
-WEIGHTINGS = ("auto", "snr_plus_one", "constant", "sigmoid", "teacher")
+WEIGHTINGS = ("auto", "snr_plus_one", "constant", "sigmoid", "teacher", "truncated_snr")
+TARGET_NETWORKS = ("stop_gradient", "ema")
 PRECONDITIONERS = ("squared_grads", "adam", "identity")
 AUX_TERMS = ("student", "teacher", "data")
 
@@ -51,7 +54,9 @@ def default_config() -> ml_collections.ConfigDict:
 
   variant            a name registered in distill/steps.py VARIANTS (checked there):
                      'alternating' (Algorithm 2: student + auxiliary phi) or 'parameter_space'
-                     (Algorithm 3: no auxiliary; teacher gradient on half A, JVP on half B).
+                     (Algorithm 3: no auxiliary; teacher gradient on half A, JVP on half B);
+                     the baselines 'progressive' (progressive distillation, distill/progressive.py)
+                     and 'consistency' (multistep consistency distillation, consistency.py).
   num_student_steps  k, the number of steps of the student's sampler (1, 2, 4, 8, ...).
   update_schedule    alternating only: 'both' = phi and eta updated on every step from one batch
                      (default; the student uses phi before its update), 'alternate' = phi on even
@@ -67,10 +72,11 @@ def default_config() -> ml_collections.ConfigDict:
                      seeds (2.26), continuous on none (0.031). Continuous costs quality where
                      grid does not collapse (2-D GMM, digits: README "Fidelity"), but is the
                      only safe choice, so k = 1 defaults to it.
-  weighting          w(s): 'auto' (default: 'constant' for k <= 2, else 'snr_plus_one'),
-                     'snr_plus_one', 'constant', 'sigmoid', 'teacher'. On the GMM benchmark
-                     (2000 steps) snr_plus_one made teacher-initialised k = 1 students collapse
-                     onto one mode on both mixtures (its weight, up to e^5 at low noise,
+  weighting          w(s): 'auto' (default: 'constant' for k <= 2, else 'snr_plus_one'; for the
+                     baselines 'truncated_snr' of the student's time t),
+                     'snr_plus_one', 'constant', 'sigmoid', 'teacher', 'truncated_snr'. On the
+                     GMM benchmark (2000 steps) snr_plus_one made teacher-initialised k = 1
+                     students collapse onto one mode on both mixtures (its weight, up to e^5 at low noise,
                      dominates the single step's range; 'constant' avoided it on the 2-D mixture
                      only: also initialise k = 1 from a k = 2 student, see steps.py) and was
                      3.9x worse at k = 2 (energy 0.066 vs 0.017, 16-D; but at 3000 steps it was
@@ -134,6 +140,15 @@ def default_config() -> ml_collections.ConfigDict:
                      the behaviour before this option). Measured on the digits: README
                      "Fidelity". Configs saved before it carry clip_train_draws (True = 'both',
                      False = 'sampler') or nothing ('sampler'); see clipping().
+  teacher_steps      baselines only. progressive: the number of DDIM steps of the teacher that
+                     round 0 distils, k * 2^R for R >= 1 rounds (each halves the steps; the
+                     rounds share num_steps equally). consistency: the teacher's ODE (DDIM)
+                     steps over [0, 1], a multiple of k (teacher_steps / k per segment).
+                     Default 64.
+  target_network     consistency only: 'stop_gradient' (default: the target is the student
+                     itself, gradient stopped) or 'ema' (an EMA of the student with decay
+                     target_ema, as in Song et al. 2023's consistency distillation).
+  target_ema         the decay of target_network='ema' (default 0.95).
 """
   c = ml_collections.ConfigDict()
   c.variant = "alternating"
@@ -161,6 +176,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.init_from = ""
   c.dropout = "independent"
   c.clipping = "neither"
+  c.teacher_steps = 64
+  c.target_network = "stop_gradient"
+  c.target_ema = 0.95
   c.optim = ml_collections.ConfigDict(dict(
       learning_rate=1e-4, warmup_steps=0, schedule="cosine", b1=0.0, b2=0.99, eps=1e-8,
       weight_decay=0.0, grad_clip=0.0))
@@ -208,6 +226,11 @@ def validate_config(config) -> None:
   if not 0.0 <= float(config.get("eta", 1.0)) <= 1.0:
     raise ValueError(f"distill.eta must be in [0, 1], got {config.eta}.")
   parse_aux_terms(config.get("aux_terms", "student,teacher"))
+  if config.get("target_network", "stop_gradient") not in TARGET_NETWORKS:
+    raise ValueError(f"distill.target_network={config.target_network!r} is not one of "
+                     f"{TARGET_NETWORKS}.")
+  if not 0.0 <= float(config.get("target_ema", 0.0)) < 1.0:
+    raise ValueError(f"distill.target_ema must be in [0, 1), got {config.target_ema}.")
 
 
 def parse_aux_terms(spec: str) -> tuple[str, ...]:
@@ -286,6 +309,8 @@ def weight(*, weighting: str, logsnr, bias: float = 0.0, teacher_weighting: str 
     return jax.nn.sigmoid(logsnr - bias)
   if weighting == "snr_plus_one":
     return 1.0 + 1.0 / (jnp.exp(-logsnr) + jnp.exp(-5.0))
+  if weighting == "truncated_snr":
+    return jnp.maximum(jnp.exp(logsnr), 1.0)
   if weighting == "teacher":
     return jnp.exp(process.log_x_weight(weighting=teacher_weighting, logsnr=logsnr, bias=bias))
   raise ValueError(f"Unknown weighting {weighting!r}; choose one of {WEIGHTINGS}.")

@@ -18,8 +18,12 @@ Use (config = the `distill` ConfigDict of moment_matching.default_config()):
 A variant is a module with NAME, USES_AUX (whether it trains an auxiliary network),
 phases(config) (the programs the loop runs: (None,) for one, or one per step parity) and
 make_step(*, config, denoise, schedule, student_tx, [aux_tx,] teacher_denoise, data_key,
-null_label, use_text[, phase]) -> step(state, teacher_params, batch, rng[, precond]). A new
-variant is its own module plus one entry in VARIANTS below.
+null_label, use_text[, phase]) -> step(state, teacher_params, batch, rng[, precond]). Optional:
+validate(config) (ValueError), program_index(config, step) (default: step parity),
+SAMPLER (the student's own registered sampler, default 'student'), keeps_param_copy(config)
+(aux_params holds a copy of the student's parameters), make_optimizers(config). A new variant is
+its own module plus one entry in VARIANTS below. Registered: alternating and parameter_space
+(moment matching), progressive and consistency (the baselines).
 
 One-step students (k = 1): initialise them from a distilled k = 2 student (init_params = its
 ema_params) rather than from the teacher, whose t = 1 output is the data mean for every z_1; on
@@ -54,17 +58,16 @@ import optax
 
 from mmd_jax.diffusion import samplers
 from mmd_jax.diffusion.schedules import Schedule
-from mmd_jax.distill import alternating, common, parameter_space
+from mmd_jax.distill import alternating, common, consistency, parameter_space, progressive
 from mmd_jax.distill import moment_matching as mm
 
-VARIANTS: dict[str, types.ModuleType] = {m.NAME: m for m in (alternating, parameter_space)}
+VARIANTS: dict[str, types.ModuleType] = {
+    m.NAME: m for m in (alternating, parameter_space, progressive, consistency)}
 
 # The shared pieces, under the names the rest of the package and the tests use.
 Denoise = common.Denoise
 DistillState = common.DistillState
 draw = common.draw
-init_distill_state = common.init_distill_state
-make_optimizers = common.make_optimizers
 make_x_predictor = common.make_x_predictor
 step_keys = common.step_keys
 PHASES = alternating.PHASES
@@ -81,15 +84,51 @@ def variant(name: str) -> types.ModuleType:
 
 
 def validate_config(config) -> None:
-  """moment_matching.validate_config plus a registered variant name (ValueError otherwise)."""
-  variant(config.get("variant"))
+  """moment_matching.validate_config plus a registered variant name and the variant's own
+  checks (ValueError otherwise)."""
+  v = variant(config.get("variant"))
   mm.validate_config(config)
+  if hasattr(v, "validate"):
+    v.validate(config)
 
 
 def step_phases(config) -> tuple[str | None, ...]:
-  """The programs the loop runs for config.variant: (None,) for one program, or one per step
-  parity (program i runs on steps with step % len(phases) == i)."""
+  """The programs the loop runs for config.variant: (None,) for one program, or several, picked
+  by program_index."""
   return variant(config.variant).phases(config)
+
+
+def program_index(config, step: int) -> int:
+  """Which of step_phases(config) runs at training step `step` (0-based): the variant's
+  program_index (progressive distillation: by round), else by step parity."""
+  v = variant(config.variant)
+  if hasattr(v, "program_index"):
+    return int(v.program_index(config, step))
+  return step % len(v.phases(config))
+
+
+def sampler_name(config) -> str:
+  """The registered sampler of the student's own k-step sampler ('student': ancestral with the
+  trained eta and spacing; the baselines: 'ddim')."""
+  return getattr(variant(config.variant), "SAMPLER", "student")
+
+
+def make_optimizers(config):
+  """(student_tx, aux_tx) of config.variant (common.make_optimizers; progressive distillation's
+  schedule spans one round)."""
+  v = variant(config.variant)
+  if hasattr(v, "make_optimizers"):
+    return v.make_optimizers(config)
+  return common.make_optimizers(config)
+
+
+def init_distill_state(*, config, init_params, student_tx, aux_tx=None, teacher_params=None):
+  """common.init_distill_state with aux_params as config.variant keeps them: the auxiliary
+  (alternating), the round teacher (progressive), the EMA target (consistency, 'ema')."""
+  v = variant(config.variant)
+  copy = v.keeps_param_copy(config) if hasattr(v, "keeps_param_copy") else None
+  return common.make_state(config=config, init_params=init_params, student_tx=student_tx,
+                           aux_tx=aux_tx, teacher_params=teacher_params, param_copy=copy)
 
 
 def make_distill_step(*, config, denoise: Denoise, schedule: Schedule,
@@ -154,17 +193,17 @@ def guard_nonfinite(step_fn):
 def make_student_sampler(*, config, denoise: Denoise, schedule: Schedule,
                          num_steps: int | None = None, clip: float | None = None,
                          guidance: float = 0.0, null_label: int | None = None,
-                         sampler: str = "student"):
+                         sampler: str | None = None):
   """sample(params, rng, *, shape, label=None, text=None) -> x: the registered `sampler`
-  (default 'student': the k-step ancestral sampler with eta = config.eta on the config's grid
-  spacing) with the student as denoiser, conditioned on text (f32[B, L, D]) when given. Jit it
+  (default: the variant's own, sampler_name(config); 'student' is the k-step ancestral sampler
+  with eta = config.eta on the config's grid spacing) with the student as denoiser, conditioned on text (f32[B, L, D]) when given. Jit it
   with static_argnames="shape". With k = 1 it returns g_eta(z_1).
 
   The student is distilled from the guided teacher (distill.guidance) and is normally sampled
   unguided; guidance != 0 guides the student itself against the null class `null_label` and/or
   the zero text (conditioning.guided), for ablations."""
   k = int(config.num_student_steps if num_steps is None else num_steps)
-  fn = samplers.get(sampler)
+  fn = samplers.get(sampler_name(config) if sampler is None else sampler)
   settings = samplers.student_settings(config)
 
   def sample(params, rng, *, shape, label=None, text=None):

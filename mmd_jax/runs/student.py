@@ -285,6 +285,10 @@ class StudentRun(base.Run):
   def _phases(self) -> tuple:
     return distill_steps.step_phases(self.dcfg)
 
+  def program_index(self, step: int) -> int:
+    """By step parity, or by round for progressive distillation (distill_steps.program_index)."""
+    return distill_steps.program_index(self.dcfg, step)
+
   def programs(self) -> list[common.StepProgram]:
     programs = []
     null_label = self.spec.num_classes if self.spec.num_classes > 0 else None
@@ -319,7 +323,8 @@ class StudentRun(base.Run):
 
   # ----- evaluation -----
   def own_spec(self) -> dict:
-    return {"sampler": "student", "num_steps": int(self.dcfg.num_student_steps),
+    return {"sampler": distill_steps.sampler_name(self.dcfg),
+            "num_steps": int(self.dcfg.num_student_steps),
             "guidance": 0.0}
 
   def periodic_specs(self) -> list[dict]:
