@@ -107,7 +107,8 @@ def device_peak(device=None) -> tuple[float, str]:
 
 
 class Meter:
-  """Per-interval throughput of a loop: call report(steps, seconds, flops) -> scalars.
+  """Per-interval throughput of a loop: scalars(steps_per_sec=...) -> examples/s, FLOP/s per
+  device and MFU (what is known).
 
   flops_per_step: per device, summed over one round of the programs the loop dispatches (the
   mean over programs when they alternate step by step)."""
