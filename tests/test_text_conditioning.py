@@ -144,7 +144,8 @@ def test_guided_teacher_with_text_and_null_text_is_the_unconditional_branch(text
   z = jax.random.normal(jax.random.split(key)[0], (4, 8, 8, 1), jnp.float32)
   logsnr = jnp.full((4,), float(schedule.logsnr(1.0)))
   twice = lambda a: jnp.concatenate([a, a])
-  one_step = ml_collections.ConfigDict(dict(num_student_steps=1, eta=1.0, spacing="uniform_t"))
+  one_step = ml_collections.ConfigDict(dict(variant="alternating", num_student_steps=1, eta=1.0,
+                                            spacing="uniform_t"))
 
   @jax.jit
   def run(params):
