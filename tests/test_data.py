@@ -152,6 +152,28 @@ def test_one_process_order_is_pinned(data_dir):
   assert batches[28]["index"][:8].tolist() == [128, 624, 918, 953, 1218, 433, 1614, 898]
 
 
+def test_in_memory_reader_is_the_grain_stream_and_shares_its_state(data_dir):
+  # The digits fit in memory, so make_train_iterator gathers from decoded arrays; with
+  # in_memory_max_mb=0 it streams through grain. Both must give the same batches (two shards,
+  # across the first epoch boundary) and resume from each other's saved state.
+  streaming = _cfg(name="digits", data_dir=data_dir, in_memory_max_mb=0)
+  kw = dict(global_batch_size=128, seed=5)
+  assert type(pipeline.make_train_iterator(_digits(data_dir), **kw, shard_index=0,
+                                           shard_count=1)).__name__ == "_InMemoryTrainIterator"
+  assert type(pipeline.make_train_iterator(streaming, **kw, shard_index=0,
+                                           shard_count=1)).__name__ == "_GrainTrainIterator"
+  _assert_batches_equal(_global_batches(_digits(data_dir), 2, 16, **kw),
+                        _global_batches(streaming, 2, 16, **kw))
+  for saver, loader in ((_digits(data_dir), streaming), (streaming, _digits(data_dir))):
+    it = pipeline.make_train_iterator(saver, shard_index=1, shard_count=2, **kw)
+    _take(it, 13)
+    state = json.loads(json.dumps(it.get_state()))
+    expected = _take(it, 3)
+    resumed = pipeline.make_train_iterator(loader, shard_index=1, shard_count=2, **kw)
+    resumed.set_state(state)
+    _assert_batches_equal(_take(resumed, 3), expected)
+
+
 def test_epochs_cover_split_and_reshuffle(data_dir):
   # 2 processes x 29 = 58 per global batch; 62 global batches = 3596 records, just over 2 epochs.
   stream = np.concatenate([b["index"] for b in _global_batches(
