@@ -24,7 +24,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
 
-  c.data = ml_collections.ConfigDict(dict(name="digits", data_dir="", split="train", spec_path=""))
+  c.data = ml_collections.ConfigDict(dict(name="digits", data_dir="", split="train", spec_path="",
+                                         in_memory_max_mb=512))
 
   c.model = ml_collections.ConfigDict(dict(
       kind="unet", prediction="v", base_channels=32, channel_mult=(1, 2), num_res_blocks=1,

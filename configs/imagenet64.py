@@ -35,7 +35,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict(dict(
       name="imagenet_resized/64x64", data_dir="", split="train", spec_path="",
-      image_shape=(64, 64, 3), num_classes=1000))
+      image_shape=(64, 64, 3), num_classes=1000, in_memory_max_mb=512))
 
   c.model = ml_collections.ConfigDict(dict(
       kind="unet", prediction="v", base_channels=256, channel_mult=(1, 2, 2, 4),

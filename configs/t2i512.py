@@ -75,7 +75,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict(dict(
       name="t2i_embeddings_512", data_dir="", split="train", spec_path="",
-      image_shape=(512, 512, 3), num_classes=0))
+      image_shape=(512, 512, 3), num_classes=0, in_memory_max_mb=512))
 
   c.model = ml_collections.ConfigDict(dict(
       kind="unet", prediction="v", base_channels=64, channel_mult=(1, 2, 4, 8, 16, 32),

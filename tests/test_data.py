@@ -159,9 +159,9 @@ def test_in_memory_reader_is_the_grain_stream_and_shares_its_state(data_dir):
   streaming = _cfg(name="digits", data_dir=data_dir, in_memory_max_mb=0)
   kw = dict(global_batch_size=128, seed=5)
   assert type(pipeline.make_train_iterator(_digits(data_dir), **kw, shard_index=0,
-                                           shard_count=1)).__name__ == "_InMemoryTrainIterator"
+                                           shard_count=1)).__name__ == "InMemoryTrainIterator"
   assert type(pipeline.make_train_iterator(streaming, **kw, shard_index=0,
-                                           shard_count=1)).__name__ == "_GrainTrainIterator"
+                                           shard_count=1)).__name__ == "GrainTrainIterator"
   _assert_batches_equal(_global_batches(_digits(data_dir), 2, 16, **kw),
                         _global_batches(streaming, 2, 16, **kw))
   for saver, loader in ((_digits(data_dir), streaming), (streaming, _digits(data_dir))):

@@ -151,8 +151,44 @@ def _flip_bytes(step_dir):
     f.write(bytes(b ^ 0xFF for b in data))
 
 
+def test_host_and_device_checksums_agree():
+  # A small single-process state is summed on the host (numpy), anything else on device (one
+  # jitted reduction): the integer sums and counts must be identical, the float sums close.
+  mesh = _mesh()
+  sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=(16, 3)).astype(np.float32)
+  w[0, 0], w[3, 1] = np.nan, -np.inf
+  tree = {"w": jax.device_put(w, sharded),
+          "bf16": jnp.asarray(rng.normal(size=(5, 7)), jnp.bfloat16),
+          "i32": jnp.asarray(rng.integers(-2**31, 2**31 - 1, size=(33,)), jnp.int32),
+          "u8": jnp.asarray(rng.integers(0, 255, size=(9,)), jnp.uint8),
+          "b": jnp.asarray([True, False, True]), "scalar": jnp.float32(3.5),
+          "key": jax.random.key(1)}
+  host = ckpt_lib.state_checksums(tree)
+  assert ckpt_lib._on_host(jax.tree_util.tree_leaves(tree))
+  old = ckpt_lib.HOST_CHECKSUM_BYTES
+  try:
+    ckpt_lib.HOST_CHECKSUM_BYTES = 0
+    device = ckpt_lib.state_checksums(tree)
+  finally:
+    ckpt_lib.HOST_CHECKSUM_BYTES = old
+  assert host["leaves"].keys() == device["leaves"].keys()
+  for name, h in host["leaves"].items():
+    d = device["leaves"][name]
+    assert {k: h[k] for k in ("shape", "dtype", "bits", "bits_mix", "nonfinite")} == {
+        k: d[k] for k in ("shape", "dtype", "bits", "bits_mix", "nonfinite")}, name
+    for k in ("sum", "sum_sq"):
+      a, b = float(h[k]), float(d[k])
+      assert a == b or (np.isnan(a) and np.isnan(b)) or abs(a - b) <= 1e-5 * max(1, abs(a)), name
+  assert host["leaves"]["w"]["nonfinite"] == 2
+  assert ckpt_lib.checksum_mismatches(host, device) == ([], len(host["leaves"]))
+
+
+@pytest.mark.parametrize("host_bytes", [0, ckpt_lib.HOST_CHECKSUM_BYTES], ids=["device", "host"])
 def test_corrupt_checkpoint_is_refused_naming_the_step_and_earlier_steps_still_restore(
-    tmp_path):
+    tmp_path, monkeypatch, host_bytes):
+  monkeypatch.setattr(ckpt_lib, "HOST_CHECKSUM_BYTES", host_bytes)
   mesh = _mesh()
   ckpt = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
   states = {s: _state(mesh, seed=s) for s in (1, 2)}

@@ -10,7 +10,10 @@ per array leaf of the state its shape, dtype, two wrapping uint32 sums of its bi
 the words, and of the words through murmur3's bit mixer; mod 2**32), its float sum and sum of
 squares and its count of non-finite values, all computed on device by one jitted reduction of
 the GLOBAL arrays (cheap, no host copy of the weights, correct for arrays sharded over hosts),
-fetched by one small device-to-host copy (so save() waits for the state). Integer addition is exact
+fetched by one small device-to-host copy (so save() waits for the state). A state of at most
+HOST_CHECKSUM_BYTES held whole by a single process is summed with numpy on the host instead: the
+same integer sums, without compiling a reduction over every leaf (17 s for the digits UNet's 504
+leaves, at every start of a process). Integer addition is exact
 and order-free, so the bit sums are identical whatever mesh or device count the state is
 restored onto; `restore` recomputes them and refuses a mismatch with a CheckpointError naming
 the step (the earlier steps are kept: resume from one, or use a new work directory). A leaf
@@ -35,6 +38,7 @@ from etils import epath
 
 ITEMS = ("state", "data", "config", "checksums")
 CHECKSUM_VERSION = 1
+HOST_CHECKSUM_BYTES = 256 * 2**20
 # Config fields that change what the saved arrays mean or their shapes.
 ARCHITECTURE_KEYS = ("model", "data.name", "diffusion.schedule", "distill.variant",
                      "distill.num_student_steps")
@@ -92,6 +96,32 @@ def _leaf_sums(x):
           jnp.sum(f), jnp.sum(f * f), nonfinite)
 
 
+def _host_leaf_sums(x):
+  """_leaf_sums of a host array with numpy (uint32 arithmetic wraps mod 2**32 as on device)."""
+  x = np.ascontiguousarray(x).reshape(-1)
+  if x.dtype == np.bool_:
+    bits = x.astype(np.uint32)
+  else:
+    bits = x.view({1: np.uint8, 2: np.uint16}.get(x.dtype.itemsize, np.uint32)).astype(np.uint32)
+  h = bits ^ (bits >> 16)
+  h = h * np.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * np.uint32(0xC2B2AE35)
+  h = h ^ (h >> 16)
+  inexact = np.issubdtype(x.dtype, np.inexact) or x.dtype == jnp.bfloat16
+  f = (np.abs(x) if np.issubdtype(x.dtype, np.complexfloating) else x).astype(np.float32)
+  nonfinite = int(np.count_nonzero(~np.isfinite(x))) if inexact else 0
+  return (bits.sum(dtype=np.uint32), h.sum(dtype=np.uint32), f.sum(dtype=np.float32),
+          (f * f).sum(dtype=np.float32), nonfinite)
+
+
+def _on_host(leaves) -> bool:
+  """Whether the checksums of `leaves` are summed on the host (see the module docstring)."""
+  return (jax.process_count() == 1
+          and all(not isinstance(x, jax.Array) or x.is_fully_addressable for x in leaves)
+          and sum(x.nbytes for x in leaves) <= HOST_CHECKSUM_BYTES)
+
+
 @functools.lru_cache(maxsize=16)
 def _checksum_program(mesh):
   def run(leaves):
@@ -111,11 +141,17 @@ def state_checksums(state) -> dict:
   out = {"version": CHECKSUM_VERSION, "leaves": {}}
   if not leaves:
     return out
+  leaves = [jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+            else x for x in leaves]
   mesh = next((x.sharding.mesh for x in leaves if isinstance(x, jax.Array)
                and isinstance(x.sharding, jax.sharding.NamedSharding)), None)
   try:
-    bits, bits_mix, sums, sums_sq, nonfinite = (
-        np.asarray(a) for a in _checksum_program(mesh)(leaves))
+    if _on_host(leaves):
+      per_leaf = [_host_leaf_sums(np.asarray(x)) for x in leaves]
+      bits, bits_mix, sums, sums_sq, nonfinite = (np.asarray(c) for c in zip(*per_leaf))
+    else:
+      bits, bits_mix, sums, sums_sq, nonfinite = (
+          np.asarray(a) for a in _checksum_program(mesh)(leaves))
   except ValueError:  # leaves on different device sets cannot share one program: leaf by leaf
     per_leaf = [[np.asarray(a)[0] for a in _checksum_program(None)([x])] for x in leaves]
     bits, bits_mix, sums, sums_sq, nonfinite = (np.asarray(c) for c in zip(*per_leaf))
