@@ -315,14 +315,14 @@ def test_pipeline_refuses_a_bad_baseline_stage_before_the_teacher_stage(data_dir
 # SIGKILL and resume, through the command line
 # ----------------------------------------------------------------------------------------------
 
-def _distill_cli(workdir, data_dir, teacher_dir, *flags):
+def _distill_cli(workdir, data_dir, teacher_dir, *flags, log=subprocess.PIPE):
   env = dict(os.environ)
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"
   env["JAX_PLATFORMS"] = "cpu"
   cmd = [sys.executable, "-m", "mmd_jax.main", f"--config={helpers.DIGITS}:test",
          "--mode=distill", f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
          f"--config.distill.teacher={teacher_dir}", "--config.eval.num_samples=0", *flags]
-  return subprocess.Popen(cmd, cwd=helpers.REPO, env=env, stdout=subprocess.PIPE,
+  return subprocess.Popen(cmd, cwd=helpers.REPO, env=env, stdout=log,
                           stderr=subprocess.STDOUT, text=True)
 
 
@@ -350,28 +350,37 @@ def test_baseline_sigkill_then_rerun_equals_uninterrupted_run_bit_for_bit(traine
   flags = BASELINE_RUNS[name] + ("--config.distill.num_steps=40",
                                  "--config.training.checkpoint_every=4",
                                  "--config.training.log_every=4")
+  # The uninterrupted reference runs beside the killed run and its rerun (the wall time of the
+  # test is then about one run's, not three).
   ref = str(tmp_path / "ref")
-  proc = _distill_cli(ref, data_dir, teacher_dir, *flags)
-  out, _ = proc.communicate(timeout=600)
-  assert proc.returncode == 0, out
-  assert "2 program(s)" in out if name == "progressive" else "1 program(s)" in out
-
-  killed = str(tmp_path / "killed")
-  proc = _distill_cli(killed, data_dir, teacher_dir, *flags)
-  ckpts = os.path.join(killed, "checkpoints")
-  t0 = time.time()
-  while not (os.path.isdir(ckpts) and any(s.isdigit() for s in os.listdir(ckpts))):
-    assert proc.poll() is None, proc.stdout.read()
-    assert time.time() - t0 < 600
-    time.sleep(0.02)
-  proc.send_signal(signal.SIGKILL)
-  proc.communicate(timeout=60)
-  saved = max(int(s) for s in os.listdir(ckpts) if s.isdigit())
-  assert saved < 40, "the run finished before it was killed"
-  proc = _distill_cli(killed, data_dir, teacher_dir, *flags)
-  out, _ = proc.communicate(timeout=600)
-  assert proc.returncode == 0, out
-  assert f"Resumed from {killed}/checkpoints/{saved} (student)" in out
+  ref_log = open(tmp_path / "ref.log", "w")  # a file, not a pipe nobody reads until the end
+  ref_proc = _distill_cli(ref, data_dir, teacher_dir, *flags, log=ref_log)
+  try:
+    killed = str(tmp_path / "killed")
+    proc = _distill_cli(killed, data_dir, teacher_dir, *flags)
+    ckpts = os.path.join(killed, "checkpoints")
+    t0 = time.time()
+    while not (os.path.isdir(ckpts) and any(s.isdigit() for s in os.listdir(ckpts))):
+      assert proc.poll() is None, proc.stdout.read()
+      assert time.time() - t0 < 600
+      time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    saved = max(int(s) for s in os.listdir(ckpts) if s.isdigit())
+    assert saved < 40, "the run finished before it was killed"
+    proc = _distill_cli(killed, data_dir, teacher_dir, *flags)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    assert f"Resumed from {killed}/checkpoints/{saved} (student)" in out
+    ref_proc.wait(timeout=600)
+    ref_log.close()
+    ref_out = (tmp_path / "ref.log").read_text()
+    assert ref_proc.returncode == 0, ref_out
+    assert "2 program(s)" in ref_out if name == "progressive" else "1 program(s)" in ref_out
+  finally:
+    if ref_proc.poll() is None:  # a failed assertion above: no process outlives the test
+      ref_proc.kill()
+      ref_proc.wait()
   logged = [json.loads(l) for l in open(os.path.join(killed, "metrics.jsonl"))]
   if name == "progressive":  # the rerun crossed into round 1 at step 20
     assert {r["step"]: r["round"] for r in logged if r["step"] in (20, 24)} == {20: 0.0, 24: 1.0}

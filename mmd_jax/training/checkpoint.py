@@ -111,8 +111,9 @@ def _host_leaf_sums(x):
   inexact = np.issubdtype(x.dtype, np.inexact) or x.dtype == jnp.bfloat16
   f = (np.abs(x) if np.issubdtype(x.dtype, np.complexfloating) else x).astype(np.float32)
   nonfinite = int(np.count_nonzero(~np.isfinite(x))) if inexact else 0
-  return (bits.sum(dtype=np.uint32), h.sum(dtype=np.uint32), f.sum(dtype=np.float32),
-          (f * f).sum(dtype=np.float32), nonfinite)
+  with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN sums, as on device
+    return (bits.sum(dtype=np.uint32), h.sum(dtype=np.uint32), f.sum(dtype=np.float32),
+            (f * f).sum(dtype=np.float32), nonfinite)
 
 
 def _on_host(leaves) -> bool:
