@@ -44,7 +44,8 @@ value, ...}}, "summary": {...mean/std over seeds...}, "settings": {...}}; for a 
 scatter plot next to it (<out>.png).
 
 Row overrides (--extra, ';'-separated): "<alt|alt_mlp|ps|ps_mixture|pd|mcd>:k=<k>[:field=value...]" with
-fields of the distill config (moment_matching.default_config()), init_from=<an earlier row>
+fields of the distill config (moment_matching.default_config(); a nested one by its dotted name,
+e.g. optim.learning_rate=5e-5), init_from=<an earlier row>
 (initialise student and auxiliary from that row's trained student) or seeds=<n> (repeat the row
 over distillation seeds 0..n-1), e.g. "alt:k=1:time_sampling=continuous:seeds=3;ps:k=8:nu_ema=0.0".
 """
@@ -205,9 +206,11 @@ def parse_extra(spec: str):
       if name == "init_from":
         overrides[name] = value
         continue
-      if name not in defaults:
+      head, _, sub = name.partition(".")  # a nested field: optim.learning_rate
+      if head not in defaults or bool(sub) != isinstance(defaults[head], ml_collections.ConfigDict) \
+          or (sub and sub not in defaults[head]):
         raise ValueError(f"--extra row {item!r}: unknown distill field {name!r}.")
-      default = defaults[name]
+      default = defaults[head][sub] if sub else defaults[head]
       if isinstance(default, bool):
         overrides[name] = value.lower() in ("1", "true", "yes")
       elif isinstance(default, (int, float)) and not isinstance(default, bool):
@@ -239,7 +242,12 @@ def setup_run(*, kind, k, seed, overrides, args, mixture, schedule, denoise, mlp
   config.variant = VARIANT_OF[kind]
   if config.variant == "parameter_space" and args.nu_ema is not None:
     config.nu_ema = args.nu_ema
-  config.update(overrides)
+  for name, value in overrides.items():  # dotted names set a nested field (optim.learning_rate)
+    head, _, sub = name.partition(".")
+    if sub:
+      config[head][sub] = value
+    else:
+      config[head] = value
   steps.validate_config(config)
   tx, aux_tx = steps.make_optimizers(config)
   exact = gmm.make_denoiser()
