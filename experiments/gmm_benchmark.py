@@ -35,7 +35,8 @@ Setting (the issue's protocol):
 - Metrics (mmd_jax.evaluation.sample_metrics) on --num_samples generated samples against as many
   fresh true samples: unbiased energy distance (primary), sliced W2 (512 projections), mean
   log-likelihood under the true mixture, mode-weight error. Students are evaluated with their
-  EMA parameters.
+  EMA parameters, on one sample draw whose key depends on the seed (--eval_draws=n adds n - 1
+  further draws of the same student, to tell sampling noise from distillation seed spread).
 - Cost: wall time per step (after compilation, on this machine, shared) and XLA's FLOP estimate
   of one compiled step (`jax.jit(step).lower(...).compile().cost_analysis()`).
 
@@ -44,7 +45,8 @@ value, ...}}, "summary": {...mean/std over seeds...}, "settings": {...}}; for a 
 scatter plot next to it (<out>.png).
 
 Row overrides (--extra, ';'-separated): "<alt|alt_mlp|ps|ps_mixture|pd|mcd>:k=<k>[:field=value...]" with
-fields of the distill config (moment_matching.default_config()), init_from=<an earlier row>
+fields of the distill config (moment_matching.default_config(); a nested one by its dotted name,
+e.g. optim.learning_rate=5e-5), init_from=<an earlier row>
 (initialise student and auxiliary from that row's trained student) or seeds=<n> (repeat the row
 over distillation seeds 0..n-1), e.g. "alt:k=1:time_sampling=continuous:seeds=3;ps:k=8:nu_ema=0.0".
 """
@@ -205,9 +207,11 @@ def parse_extra(spec: str):
       if name == "init_from":
         overrides[name] = value
         continue
-      if name not in defaults:
+      head, _, sub = name.partition(".")  # a nested field: optim.learning_rate
+      if head not in defaults or bool(sub) != isinstance(defaults[head], ml_collections.ConfigDict) \
+          or (sub and sub not in defaults[head]):
         raise ValueError(f"--extra row {item!r}: unknown distill field {name!r}.")
-      default = defaults[name]
+      default = defaults[head][sub] if sub else defaults[head]
       if isinstance(default, bool):
         overrides[name] = value.lower() in ("1", "true", "yes")
       elif isinstance(default, (int, float)) and not isinstance(default, bool):
@@ -239,7 +243,12 @@ def setup_run(*, kind, k, seed, overrides, args, mixture, schedule, denoise, mlp
   config.variant = VARIANT_OF[kind]
   if config.variant == "parameter_space" and args.nu_ema is not None:
     config.nu_ema = args.nu_ema
-  config.update(overrides)
+  for name, value in overrides.items():  # dotted names set a nested field (optim.learning_rate)
+    head, _, sub = name.partition(".")
+    if sub:
+      config[head][sub] = value
+    else:
+      config[head] = value
   steps.validate_config(config)
   tx, aux_tx = steps.make_optimizers(config)
   exact = gmm.make_denoiser()
@@ -446,6 +455,9 @@ def parse_args(argv=None):
                  "the distill config's)")
   p.add_argument("--hidden", type=int, default=128)
   p.add_argument("--depth", type=int, default=2)
+  p.add_argument("--eval_draws", type=int, default=1, help="sample each student this many "
+                 "times (keys 777 + seed + 1000 j); a row's metrics are draw 0's, all draws are "
+                 "in its 'draws' list")
   p.add_argument("--mlp_cache", default="", help=".npz of the regressed MLP: loaded if it "
                  "exists and fits the model, else written after the regression (development)")
   p.add_argument("--regress_steps", type=int, default=None, help="MLP regression steps (4000; "
@@ -680,6 +692,15 @@ def main(argv=None):
     samples = sampler(ema_params, jax.random.PRNGKey(777 + seed), shape=(n, dim))
     add(name, samples, {key: v for key, v in info.items()
                         if key not in ("train_seconds", "steps")} | {"seed": seed})
+    if args.eval_draws > 1:  # the same student, further sample draws (sampling noise of a row)
+      rows[name]["draws"] = [{m: rows[name][m] for m in METRICS}]
+      for j in range(1, args.eval_draws):
+        more = np.asarray(sampler(ema_params, jax.random.PRNGKey(777 + seed + 1000 * j),
+                                  shape=(n, dim)))
+        rows[name]["draws"].append(eval_samples(more, reference, mixture))
+      log(f"  {name} draws: " + "; ".join(
+          f"energy={d['energy']:.5f} sw2={d['sliced_w2']:.4f} mode_err="
+          f"{d['mode_weight_error']:.4f}" for d in rows[name]["draws"]))
 
   timing = None
   if "timing" in groups:
