@@ -2,8 +2,8 @@
 
 Command:   python -m mmd_jax.main --config=configs/digits.py --workdir=/tmp/mmd_digits
 Hardware:  any CPU (measured on 2 cores); no download, the digits ship with scikit-learn.
-Runtime:   on 2 CPU cores: teacher stage 8.5 min (training 5.3, final evaluation 2.3), each
-           student about 4 min; the whole default pipeline 17 min (README, "Results").
+Runtime:   on 2 CPU cores: teacher stage 8 min (training 4.8, final evaluation 2.3), each
+           student about 3.7 min; the whole default pipeline 15.5 min (README, "Results").
 Result:    ancestral 256 steps: class_acc >= 0.9 (see README for the measured table);
            fd_pixels / class_acc are stand-in metrics on 8x8 digits, not FID.
 
