@@ -77,6 +77,13 @@ class TrainIterator:
     """Releases reader threads (optional; safe to call twice)."""
 
 
+def _check_identity(state: Any, identity: dict[str, Any]) -> None:
+  """Refuses a saved state of a grain-indexed stream (either reader) from another stream."""
+  current = dict(identity, grain=None)
+  check_same_stream(state, current, ignore=("grain", "shard_count"))
+  sources.check_state_matches(state, current, ignore=("grain", "shard_count"))
+
+
 class GrainTrainIterator(TrainIterator):
   """Wraps a grain DatasetIterator and adds identity checks to its state."""
 
@@ -96,9 +103,7 @@ class GrainTrainIterator(TrainIterator):
     return json.loads(json.dumps(state))  # Plain JSON types only.
 
   def set_state(self, state: Mapping[str, Any]) -> None:
-    current = dict(self._identity, grain=None)
-    check_same_stream(state, current, ignore=("grain", "shard_count"))
-    sources.check_state_matches(state, current, ignore=("grain", "shard_count"))
+    _check_identity(state, self._identity)
     self._iterator.set_state(state["grain"])
 
   def close(self) -> None:
@@ -140,9 +145,7 @@ class InMemoryTrainIterator(TrainIterator):
     return json.loads(json.dumps(dict(self._identity, grain={"next_index": self._next})))
 
   def set_state(self, state: Mapping[str, Any]) -> None:
-    current = dict(self._identity, grain=None)
-    check_same_stream(state, current, ignore=("grain", "shard_count"))
-    sources.check_state_matches(state, current, ignore=("grain", "shard_count"))
+    _check_identity(state, self._identity)
     saved = state["grain"]
     if not (isinstance(saved, Mapping) and isinstance(saved.get("next_index"), int)
             and saved["next_index"] >= 0):

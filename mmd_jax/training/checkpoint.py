@@ -72,16 +72,15 @@ def _leaf_name(path) -> str:
 def _mix(h):
   """murmur3's 32-bit finalizer: a bijection of uint32 that spreads every input bit."""
   h = h ^ (h >> 16)
-  h = h * jnp.uint32(0x85EBCA6B)
+  h = h * np.uint32(0x85EBCA6B)  # numpy constants: the same code mixes jax and numpy arrays
   h = h ^ (h >> 13)
-  h = h * jnp.uint32(0xC2B2AE35)
+  h = h * np.uint32(0xC2B2AE35)
   return h ^ (h >> 16)
 
 
 def _leaf_sums(x):
-  """(bits, bits_mix, sum, sum_sq, nonfinite) of one array, computed where the array lives."""
-  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-    x = jax.random.key_data(x)
+  """(bits, bits_mix, sum, sum_sq, nonfinite) of one array (PRNG keys as their key data),
+  computed where the array lives."""
   if x.dtype == jnp.bool_:
     bits = x.astype(jnp.uint32)
   else:
@@ -103,16 +102,11 @@ def _host_leaf_sums(x):
     bits = x.astype(np.uint32)
   else:
     bits = x.view({1: np.uint8, 2: np.uint16}.get(x.dtype.itemsize, np.uint32)).astype(np.uint32)
-  h = bits ^ (bits >> 16)
-  h = h * np.uint32(0x85EBCA6B)
-  h = h ^ (h >> 13)
-  h = h * np.uint32(0xC2B2AE35)
-  h = h ^ (h >> 16)
   inexact = np.issubdtype(x.dtype, np.inexact) or x.dtype == jnp.bfloat16
   f = (np.abs(x) if np.issubdtype(x.dtype, np.complexfloating) else x).astype(np.float32)
   nonfinite = int(np.count_nonzero(~np.isfinite(x))) if inexact else 0
   with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN sums, as on device
-    return (bits.sum(dtype=np.uint32), h.sum(dtype=np.uint32), f.sum(dtype=np.float32),
+    return (bits.sum(dtype=np.uint32), _mix(bits).sum(dtype=np.uint32), f.sum(dtype=np.float32),
             (f * f).sum(dtype=np.float32), nonfinite)
 
 
