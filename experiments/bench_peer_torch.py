@@ -18,12 +18,13 @@ block has no downsample), so attention at 16x16 is down_block_types=("DownBlock2
 ("AttnUpBlock2D", "UpBlock2D"). attention_head_dim=64 (2 heads at 128 channels, as ours).
 
 digits: configs/digits.py's model and batch (8x8x1, batch 64, 10 classes): ours has base_channels
-32, channel_mult (1, 2), num_res_blocks=1, attention at 4x4 (the second level) + the middle
-block, head_dim 32, dropout 0.1. The nearest diffusers configuration is the 32x32 one at half
-the widths and one block per level: block_out_channels=(32, 64), layers_per_block=1 (2 resnets
-per level on the up path, as ours), the same block types (8x8, then attention at 4x4),
-attention_head_dim=32 (2 heads at 64 channels, as ours), norm_num_groups=32 (our GroupNorm uses
-min(32, channels) groups: the same).
+24, channel_mult (1, 2), num_res_blocks=1, attention at 4x4 (the second level) + the middle
+block, head_dim 24, dropout 0.1. The nearest diffusers configuration has those widths and one
+block per level: block_out_channels=(24, 48), layers_per_block=1 (2 resnets per level on the up
+path, as ours), the same block types (8x8, then attention at 4x4), attention_head_dim=24 (2 heads
+at 48 channels, as ours), norm_num_groups=24 (our GroupNorm uses the largest divisor of the
+channels that is <= 32: 24 groups at both 24 and 48 channels, the same). Until 2026-12-07 the
+digits config had base_channels 32 (and this peer (32, 64), head_dim 32, 32 groups).
 Ours predicts v and weighs the loss for v; the peer keeps its eps-MSE: the same network and the
 same arithmetic up to a few elementwise operations on [64, 8, 8, 1] arrays.
 
@@ -36,9 +37,10 @@ than ours): diffusers downsamples with a stride-2 3x3 conv and upsamples with ne
 at the upper resolution (ours: average pool and nearest neighbour, no conv); its time
 embedding's MLP reads sinusoidal features of the integer timestep (block_out_channels[0] wide;
 ours: 128 features of logSNR). Parameter counts and FLOPs (torch.utils.flop_counter) are reported
-next to ours; at diffusers 0.42.1: digits 0.76M parameters and 6.2 GFLOP per step against our
-0.72M and 4.4 (XLA's cost analysis; the resampling convs alone are ~1.0 GFLOP of the difference),
-32x32 4.31M and 278.7 GFLOP against 4.14M and 257.5.
+next to ours; at diffusers 0.42.1: digits 0.43M parameters and 3.5 GFLOP per step against our
+0.41M and 2.5 (XLA's cost analysis; 0.76M and 6.2 against 0.72M and 4.4 at the earlier 32
+channels; the resampling convs are much of the difference), 32x32 4.31M and 278.7 GFLOP against
+4.14M and 257.5.
 
 Training step: DDPM eps-MSE (Ho et al. 2020) at uniform integer timesteps of a cosine schedule
 (Nichol & Dhariwal 2021), global-norm clipping at 1, Adam, and an EMA of the weights (ours does
@@ -59,9 +61,9 @@ import time
 # Per shape: the data and batch of bench_train_step.make_config, and the UNet's widths.
 SHAPES = {
     "cifar32": dict(size=32, channels=3, batch=32, block_out_channels=(64, 128),
-                    layers_per_block=2, attention_head_dim=64),
-    "digits": dict(size=8, channels=1, batch=64, block_out_channels=(32, 64),
-                   layers_per_block=1, attention_head_dim=32),
+                    layers_per_block=2, attention_head_dim=64, norm_num_groups=32),
+    "digits": dict(size=8, channels=1, batch=64, block_out_channels=(24, 48),
+                   layers_per_block=1, attention_head_dim=24, norm_num_groups=24),
 }
 
 
@@ -74,7 +76,7 @@ def build_model(*, shape: str, num_classes: int, sample_size: int, channels: int
       block_out_channels=s["block_out_channels"], layers_per_block=s["layers_per_block"],
       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
       up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-      attention_head_dim=s["attention_head_dim"], norm_num_groups=32,
+      attention_head_dim=s["attention_head_dim"], norm_num_groups=s["norm_num_groups"],
       num_class_embeds=num_classes, resnet_time_scale_shift="scale_shift", dropout=dropout)
 
 
