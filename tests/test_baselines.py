@@ -335,7 +335,7 @@ def _state_leaves(workdir, step):
 
 
 BASELINE_RUNS = {
-    # 8 -> 4 -> 2 steps: two rounds, round 1 from step 20; the kill lands in round 0.
+    # 8 -> 4 -> 2 steps: two rounds, round 1 from step 8; the kill lands in round 0.
     "progressive": ("--config.distill.variant=progressive", "--config.distill.num_student_steps=2",
                     "--config.distill.teacher_steps=8"),
     "consistency": ("--config.distill.variant=consistency", "--config.distill.num_student_steps=2",
@@ -343,11 +343,15 @@ BASELINE_RUNS = {
 }
 
 
+# Checkpoints every 4 steps: the kill follows the first one (step 4), the rerun runs 4 -> 16.
+SIGKILL_STEPS = 16
+
+
 @pytest.mark.parametrize("name", sorted(BASELINE_RUNS))
 def test_baseline_sigkill_then_rerun_equals_uninterrupted_run_bit_for_bit(trained, data_dir,
                                                                          tmp_path, name):
   teacher_dir, _ = trained
-  flags = BASELINE_RUNS[name] + ("--config.distill.num_steps=40",
+  flags = BASELINE_RUNS[name] + (f"--config.distill.num_steps={SIGKILL_STEPS}",
                                  "--config.training.checkpoint_every=4",
                                  "--config.training.log_every=4")
   # The uninterrupted reference runs beside the killed run and its rerun (the wall time of the
@@ -367,7 +371,7 @@ def test_baseline_sigkill_then_rerun_equals_uninterrupted_run_bit_for_bit(traine
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     saved = max(int(s) for s in os.listdir(ckpts) if s.isdigit())
-    assert saved < 40, "the run finished before it was killed"
+    assert saved < SIGKILL_STEPS, "the run finished before it was killed"
     proc = _distill_cli(killed, data_dir, teacher_dir, *flags)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
@@ -382,9 +386,9 @@ def test_baseline_sigkill_then_rerun_equals_uninterrupted_run_bit_for_bit(traine
       ref_proc.kill()
       ref_proc.wait()
   logged = [json.loads(l) for l in open(os.path.join(killed, "metrics.jsonl"))]
-  if name == "progressive":  # the rerun crossed into round 1 at step 20
-    assert {r["step"]: r["round"] for r in logged if r["step"] in (20, 24)} == {20: 0.0, 24: 1.0}
-  a, b = _state_leaves(ref, 40), _state_leaves(killed, 40)
+  if name == "progressive":  # the rerun crossed into round 1 at step 8
+    assert {r["step"]: r["round"] for r in logged if r["step"] in (8, 12)} == {8: 0.0, 12: 1.0}
+  a, b = _state_leaves(ref, SIGKILL_STEPS), _state_leaves(killed, SIGKILL_STEPS)
   assert sorted(a) == sorted(b)
   for part in a:
     for x, y in zip(a[part], b[part]):

@@ -301,8 +301,10 @@ def test_cli_bad_spec_and_unknown_config_key_exit_2_with_one_line(tmp_path, data
 
 
 def test_resuming_with_another_seed_exits_2_naming_the_field(tmp_path, data_dir):
+  # A constant learning rate: the step program of tests/test_train_loop.py's CLI runs (cached).
   quick = ("--config.training.num_steps=2", "--config.training.checkpoint_every=2",
-           "--config.training.log_every=2", "--config.eval.final=", "--config.eval.periodic=")
+           "--config.training.log_every=2", "--config.eval.final=", "--config.eval.periodic=",
+           "--config.optim.schedule=constant")
   rc, out = _run(helpers.cli(tmp_path / "w", data_dir, *quick))
   assert rc == 0, out
   rc, out = _run(helpers.cli(tmp_path / "w", data_dir, *quick, "--config.training.num_steps=4",

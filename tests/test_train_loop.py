@@ -208,11 +208,10 @@ def test_unknown_config_key_on_the_command_line(tmp_path, data_dir):
   assert not (tmp_path / "w").exists()  # refused before anything was written
 
 
-def test_non_finite_loss_stops_with_the_step_and_keeps_last_good_checkpoint(data_dir, tmp_path):
+def test_non_finite_loss_stops_with_the_step_and_keeps_last_good_checkpoint(trained, data_dir,
+                                                                             tmp_path):
   workdir = str(tmp_path / "nan")
-  loop.train_and_evaluate(helpers.tiny_digits_config(
-      data_dir, **{"training.num_steps": 2, "training.checkpoint_every": 2,
-                   "eval.final": ""}), workdir)
+  shutil.copytree(trained[0], workdir)  # finite checkpoints 3 and 6 to resume from
   blowup = helpers.tiny_digits_config(
       data_dir, **{"training.num_steps": 12, "training.checkpoint_every": 1,
                    "training.log_every": 1, "optim.learning_rate": 1e30,
@@ -273,9 +272,9 @@ def test_sigkill_then_rerun_equals_uninterrupted_run_bit_for_bit(data_dir, tmp_p
     np.testing.assert_array_equal(a, b)
 
 
-# Far more steps than run in the test: the run cannot finish before SIGTERM reaches it.
-TERM_FLAGS = ("--config.training.num_steps=100000", "--config.training.checkpoint_every=4",
-              "--config.training.log_every=4", "--config.eval.final=")
+# Far more steps than run in the test: the run cannot finish before SIGTERM reaches it. The
+# flags of the SIGKILL test: the same step program, loaded from the session's compilation cache.
+TERM_FLAGS = (*UNENDING, "--config.training.num_steps=100000")
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_75(data_dir, tmp_path):
