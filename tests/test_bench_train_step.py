@@ -90,3 +90,21 @@ def test_command_line_applies_the_cpu_defaults_and_skips_a_missing_peer(tmp_path
   assert all(p["skipped"] for p in res["peer"].values()) and res["ours_over_peer"] == {}
   assert "CPU defaults (mmd_jax/cpu_defaults.py): on" in proc.stdout
   assert "PEER SKIPPED (32x32)" in proc.stdout
+
+
+def test_the_peers_digits_widths_follow_the_digits_config():
+  """bench_peer_torch.py runs without mmd_jax, so its digits widths are written out: they must
+  be configs/digits.py's (the ours/peer ratio compares equal networks)."""
+  from mmd_jax import config_lib
+  from mmd_jax.models import unet
+  path = os.path.join(helpers.REPO, "experiments", "bench_peer_torch.py")
+  spec = importlib.util.spec_from_file_location("bench_peer_torch", path)
+  peer = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(peer)
+  model = config_lib.load_config_file(helpers.DIGITS).model
+  widths = tuple(model.base_channels * m for m in model.channel_mult)
+  shape = peer.SHAPES["digits"]
+  assert shape["block_out_channels"] == widths
+  assert shape["layers_per_block"] == model.num_res_blocks
+  assert shape["attention_head_dim"] == model.head_dim
+  assert {unet.group_count(w) for w in widths} == {shape["norm_num_groups"]}
